@@ -1,0 +1,57 @@
+//! `cargo xtask <command>`: the project's commands.
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod data;
+mod eval;
+mod bench_propagate;
+mod bench_sam2;
+mod parity;
+mod predict2d;
+mod predict3d;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "SAM2-SGP project commands")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run SAM2 parity cases against the official PyTorch outputs.
+    Parity(parity::Args),
+    /// Prompted 2D segmentation of one image.
+    #[command(name = "predict-2d")]
+    Predict2d(predict2d::Args),
+    /// Prompted 3D segmentation of a volume by propagation through slices.
+    #[command(name = "predict-3d")]
+    Predict3d(predict3d::Args),
+    /// Dataset tools (`data verify`).
+    Data(data::Args),
+    /// Evaluate a folder of predictions against ground truth.
+    #[command(name = "eval-folder")]
+    EvalFolder(eval::EvalFolderArgs),
+    /// Benchmarks.
+    Bench(bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Parity(a) => parity::run(a),
+        Cmd::Predict2d(a) => predict2d::run(a),
+        Cmd::Predict3d(a) => predict3d::run(a),
+        Cmd::Data(a) => data::run(a),
+        Cmd::EvalFolder(a) => eval::run(a),
+        Cmd::Bench(a) => bench::run(a),
+    }
+}
