@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod data;
 mod eval;
+mod model_source;
 mod bench_propagate;
 mod bench_sam2;
 mod parity;

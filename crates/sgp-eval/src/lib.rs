@@ -1,1 +1,28 @@
-//! sgp-eval
+//! sgp-eval: segmentation metrics, reports and pictures for SAM2-SGP.
+//!
+//! * [`metrics`]: Dice, IoU, HD95 and NSD per label, spacing-aware, 2D and 3D, following
+//!   MONAI's conventions (documented there) so that numbers compare with MONAI's.
+//! * [`report`]: per-case tables and per-class mean ± std, as CSV, JSON and Markdown.
+//! * [`overlay`]: contour overlays and a per-case Dice bar chart as PNG.
+//! * [`folder`]: evaluate a folder of predictions against a folder of labels
+//!   (`cargo xtask eval-folder`).
+//!
+//! The metric core takes `ndarray` views and a spacing; only [`folder`] reads files.
+
+mod edt;
+pub mod error;
+pub mod folder;
+mod font;
+pub mod metrics;
+pub mod overlay;
+pub mod report;
+
+pub use error::{EvalError, Result};
+pub use folder::{evaluate_folder, FolderOptions, FolderOutcome};
+pub use metrics::{
+    evaluate_labels, evaluate_masks, percentile_linear, present_labels, LabelMetrics, MetricOptions,
+};
+pub use overlay::{
+    render_dice_bar_chart, render_overlay, Orientation, OverlayOptions, SliceChoice,
+};
+pub use report::{CaseMetrics, ClassSummary, Report, Stat, Unmatched};

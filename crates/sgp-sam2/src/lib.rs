@@ -19,10 +19,12 @@ pub mod ops;
 pub mod parity;
 pub mod position_encoding;
 pub mod prompt_encoder;
+pub mod rope;
 pub mod propagation;
 pub mod sam_heads;
 pub mod track;
 pub mod transformer;
+pub mod transformers_format;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -18,7 +18,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Layer norm over the last dimension with affine weight and bias.
 pub fn layer_norm_last_dim(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.track_op() || weight.track_op() || bias.track_op() {
+    // The fast kernel has no f64 CPU version; the composition handles every dtype.
+    if x.track_op() || weight.track_op() || bias.track_op() || x.dtype() == DType::F64 {
         candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32)
     } else {
         candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)

@@ -1,1 +1,103 @@
-//! (in progress)
+//! `PositionEmbeddingSine`: the fixed 2D sine/cosine encoding of the FPN levels and of
+//! the memory encoder. It has no weights; its output depends only on the map size.
+
+use candle_core::{Device, Result, Tensor};
+
+use crate::config::PositionEmbeddingSineConfig;
+
+#[derive(Debug, Clone)]
+pub struct PositionEmbeddingSine {
+    /// Features per axis (half of the configured `num_pos_feats`).
+    num_pos_feats: usize,
+    temperature: f64,
+    normalize: bool,
+    scale: f64,
+}
+
+impl PositionEmbeddingSine {
+    pub fn new(cfg: &PositionEmbeddingSineConfig) -> std::result::Result<Self, crate::Error> {
+        if cfg.num_pos_feats % 2 != 0 || cfg.num_pos_feats == 0 {
+            return Err(crate::Error::Config(
+                "PositionEmbeddingSine needs an even, non-zero num_pos_feats".into(),
+            ));
+        }
+        if cfg.scale.is_some() && !cfg.normalize {
+            return Err(crate::Error::Config(
+                "PositionEmbeddingSine: scale needs normalize=true".into(),
+            ));
+        }
+        Ok(Self {
+            num_pos_feats: cfg.num_pos_feats / 2,
+            temperature: cfg.temperature,
+            normalize: cfg.normalize,
+            scale: cfg.scale.unwrap_or(2.0 * std::f64::consts::PI),
+        })
+    }
+
+    /// Channels of the output (`num_pos_feats` as configured).
+    pub fn channels(&self) -> usize {
+        2 * self.num_pos_feats
+    }
+
+    /// The encoding `[C, H, W]` of an H×W map: y features first, then x features, each
+    /// interleaving sin (even index) and cos (odd index) as the official `stack/flatten`.
+    ///
+    /// Computed in f32 with the official operation order so it matches to rounding.
+    pub fn encode(&self, h: usize, w: usize, device: &Device) -> Result<Tensor> {
+        let n = self.num_pos_feats;
+        // dim_t = temperature ** (2 * (i // 2) / n), computed in f32 as torch does.
+        let dim_t: Vec<f32> = (0..n)
+            .map(|i| {
+                let e = (2 * (i / 2)) as f32 / n as f32;
+                (self.temperature as f32).powf(e)
+            })
+            .collect();
+        let axis = |len: usize| -> Vec<f32> {
+            (1..=len)
+                .map(|v| {
+                    let v = v as f32;
+                    if self.normalize {
+                        v / (len as f32 + 1e-6) * self.scale as f32
+                    } else {
+                        v
+                    }
+                })
+                .collect()
+        };
+        let ys = axis(h);
+        let xs = axis(w);
+        let c = 2 * n;
+        let mut out = vec![0f32; c * h * w];
+        // Per-axis value for channel k of an embedding e: sin for even k, cos for odd k.
+        let feat = |e: f32, k: usize| -> f32 {
+            let v = e / dim_t[k];
+            if k % 2 == 0 {
+                v.sin()
+            } else {
+                v.cos()
+            }
+        };
+        for k in 0..n {
+            for (yi, &y) in ys.iter().enumerate() {
+                let fy = feat(y, k);
+                for xi in 0..w {
+                    out[(k * h + yi) * w + xi] = fy;
+                }
+            }
+            for yi in 0..h {
+                for (xi, &x) in xs.iter().enumerate() {
+                    out[((n + k) * h + yi) * w + xi] = feat(x, k);
+                }
+            }
+        }
+        Tensor::from_vec(out, (c, h, w), device)
+    }
+
+    /// The official `forward(x)`: the encoding for `x`'s spatial size, repeated over the
+    /// batch, `[B, C, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _c, h, w) = x.dims4()?;
+        let pe = self.encode(h, w, x.device())?.to_dtype(x.dtype())?;
+        pe.unsqueeze(0)?.repeat((b, 1, 1, 1))
+    }
+}

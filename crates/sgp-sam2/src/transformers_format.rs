@@ -614,6 +614,7 @@ pub struct LoadedTransformers {
 pub fn load_transformers(
     config_json: &std::path::Path,
     weights: &std::path::Path,
+    image_size: Option<usize>,
     device: &candle_core::Device,
 ) -> Result<LoadedTransformers> {
     use crate::weights::{load_state_dict, StrictWeights};
@@ -622,7 +623,10 @@ pub fn load_transformers(
         path: config_json.to_path_buf(),
         source,
     })?;
-    let (config, kind) = config_from_transformers_json(&text)?;
+    let (mut config, kind) = config_from_transformers_json(&text)?;
+    if let Some(s) = image_size {
+        config = config.with_image_size(s)?;
+    }
     let raw: Vec<(String, Tensor)> = load_state_dict(weights, device)?.into_iter().collect();
     let mut tensors = convert_state_dict(raw)?.tensors;
 

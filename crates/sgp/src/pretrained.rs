@@ -91,6 +91,9 @@ pub struct LoadOptions {
     /// Apply `build_sam2`'s post-processing settings (what users of the official package
     /// get). Parity checks turn this off.
     pub real_use_settings: bool,
+    /// Model input size S (a multiple of 32) instead of the config's; the position
+    /// embeddings are interpolated as the official code does.
+    pub image_size: Option<usize>,
     pub device: Device,
     #[cfg(feature = "hub")]
     pub hub: crate::hub::HubOptions,
@@ -101,6 +104,7 @@ impl Default for LoadOptions {
         Self {
             config: None,
             real_use_settings: true,
+            image_size: None,
             device: Device::Cpu,
             #[cfg(feature = "hub")]
             hub: crate::hub::HubOptions::from_env(),
@@ -301,11 +305,14 @@ fn locate_local(path: &Path, options: &LoadOptions) -> Result<Located> {
 fn load_located(located: Located, options: &LoadOptions) -> Result<Pretrained> {
     match located {
         Located::Original { weights, config } => {
-            let config = if options.real_use_settings {
+            let mut config = if options.real_use_settings {
                 config.with_real_use_settings()
             } else {
                 config
             };
+            if let Some(s) = options.image_size {
+                config = config.with_image_size(s)?;
+            }
             let format = match detect_format(&weights)? {
                 WeightsFileFormat::TorchZip => WeightsFormat::OriginalPt,
                 WeightsFileFormat::Safetensors => WeightsFormat::OriginalSafetensors,
@@ -324,7 +331,12 @@ fn load_located(located: Located, options: &LoadOptions) -> Result<Pretrained> {
             config_json,
         } => {
             let loaded =
-                transformers_format::load_transformers(&config_json, &weights, &options.device)?;
+                transformers_format::load_transformers(
+                &config_json,
+                &weights,
+                options.image_size,
+                &options.device,
+            )?;
             Ok(Pretrained {
                 model: loaded.model,
                 config: loaded.config,

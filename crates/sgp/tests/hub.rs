@@ -137,6 +137,7 @@ fn options(endpoint: &str, cache: &Path, offline: bool) -> LoadOptions {
     LoadOptions {
         config: None,
         real_use_settings: false,
+        image_size: None,
         device: candle_core::Device::Cpu,
         hub: HubOptions {
             endpoint: Some(endpoint.to_string()),

@@ -1,0 +1,93 @@
+"""Official-PyTorch side of `cargo xtask bench propagate`.
+
+Builds the official SAM2 model (`build_sam2` with the real-use settings, random weights,
+CPU, eval), optionally writes its state dict as safetensors (so the Rust side runs the
+very same weights), and runs the `track_step` loop of a volume: slice 0 is a conditioning
+frame with a mask prompt, every other slice a tracked frame. Slices are random
+[1,3,S,S] tensors made on demand (seeded by index). Like `SAM2VideoPredictor`, each stored
+frame output keeps only what later frames use (memory features, position encoding, low-res
+masks, object pointer, score).
+
+`--mode time`: prints {"mode": "time", "size", "slices", "ms_per_slice", "first_ms"} where
+ms_per_slice averages the tracked slices (image encoder + memory attention + heads +
+memory encoder each).
+`--mode peak`: runs the loop and prints {"mode": "peak", "size", "slices", "peak_rss_mb"}
+(the process's RSS high-water mark, ru_maxrss).
+"""
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+
+def build(config, size, seed):
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(seed)
+    name = config if config.endswith(".yaml") else f"configs/{config.split('_hiera')[0]}/{config}.yaml"
+    model = build_sam2(name, ckpt_path=None, device="cpu", mode="eval",
+                       hydra_overrides_extra=[f"++model.image_size={size}"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def frame(size, idx):
+    g = torch.Generator().manual_seed(1000 + idx)
+    return torch.randn(1, 3, size, size, generator=g)
+
+
+def compact(out):
+    return {k: out[k] for k in ("maskmem_features", "maskmem_pos_enc", "pred_masks", "obj_ptr", "object_score_logits")}
+
+
+@torch.no_grad()
+def run(model, size, slices):
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4: size // 2, size // 3: 3 * size // 4] = 1
+    od = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    times = []
+    for t in range(slices):
+        t0 = time.perf_counter()
+        _, feats, pos, sizes = model._prepare_backbone_features(model.forward_image(frame(size, t)))
+        out = model.track_step(frame_idx=t, is_init_cond_frame=(t == 0), current_vision_feats=feats,
+                               current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None,
+                               mask_inputs=mask if t == 0 else None, output_dict=od, num_frames=slices,
+                               track_in_reverse=False, run_mem_encoder=True)
+        od["cond_frame_outputs" if t == 0 else "non_cond_frame_outputs"][t] = compact(out)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="sam2.1_hiera_t")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--slices", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mode", choices=["time", "peak"], default="time")
+    ap.add_argument("--write-weights", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = build(a.config, a.size, a.seed)
+    if a.write_weights:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.write_weights)
+    times = run(model, a.size, a.slices)
+    if a.mode == "time":
+        tracked = times[1:] or times
+        print(json.dumps({"mode": "time", "size": a.size, "slices": a.slices, "torch": torch.__version__,
+                          "threads": a.threads, "ms_per_slice": sum(tracked) / len(tracked),
+                          "first_ms": times[0]}))
+    else:
+        print(json.dumps({"mode": "peak", "size": a.size, "slices": a.slices,
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
+
+
+if __name__ == "__main__":
+    main()
