@@ -84,13 +84,17 @@ fn load_model(cfg: &Sam2Config, weights: Option<&Path>) -> anyhow::Result<Sam2Mo
     if let Some(w) = weights {
         return Ok(Sam2Model::load(cfg, w, &dev)?);
     }
+    // A VarMap only serves to learn every parameter's name and shape; the model is then
+    // built from plain (untracked) tensors, so inference takes the fast kernels and keeps
+    // no autograd graph.
     let varmap = VarMap::new();
-    let model = Sam2Model::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
-    for var in varmap.all_vars() {
-        let t = var.as_tensor();
-        var.set(&(Tensor::randn(0f32, 0.02, t.shape(), &dev)? + t)?)?;
+    Sam2Model::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+    let mut tensors = std::collections::HashMap::new();
+    for (name, var) in varmap.data().lock().map_err(|_| anyhow::anyhow!("varmap lock"))?.iter() {
+        let t = var.as_tensor().detach();
+        tensors.insert(name.clone(), (Tensor::randn(0f32, 0.02, t.shape(), &dev)? + t)?);
     }
-    Ok(model)
+    Ok(Sam2Model::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?)
 }
 
 fn prompt(size: usize) -> anyhow::Result<Vec<(usize, SlicePrompt)>> {

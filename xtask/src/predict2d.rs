@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use sgp_sam2::config::Sam2Config;
 use sgp_sam2::model::PromptInput;
 
 #[derive(clap::Args)]
@@ -26,17 +25,8 @@ pub struct Args {
     /// Predict 3 candidate masks and keep the one with the highest predicted IoU.
     #[arg(long)]
     multimask: bool,
-    /// Weights: a hub repo id (facebook/sam2.1-hiera-tiny) or a local path (official .pt,
-    /// original-name .safetensors, or a transformers folder).
-    #[arg(long)]
-    weights: String,
-    /// Preset name (e.g. sam2.1_hiera_t) or a yaml/JSON config file. Default: implied by
-    /// the repo or file name (e.g. sam2.1_hiera_tiny.pt), or the transformers config.json.
-    #[arg(long)]
-    config: Option<String>,
-    /// Model input size S (multiple of 32); default: the config's (1024 for the presets).
-    #[arg(long)]
-    image_size: Option<usize>,
+    #[command(flatten)]
+    model: crate::model_source::ModelArgs,
     /// Output mask PNG (0/255, input-image size).
     #[arg(long)]
     out: PathBuf,
@@ -89,24 +79,6 @@ fn parse_floats(s: &str, flag: &str) -> anyhow::Result<Vec<f32>> {
         .collect()
 }
 
-/// Resolves `--config` (preset or file) or infers the preset from the weights file name.
-/// (`predict-3d` uses this too.)
-pub fn resolve_config(config: Option<&str>, weights: &Path) -> anyhow::Result<Sam2Config> {
-    match config {
-        Some(c) if Path::new(c).is_file() => Ok(Sam2Config::from_file(Path::new(c))?),
-        Some(c) => Sam2Config::preset(c).with_context(|| format!("--config {c:?} is neither a file nor a preset")),
-        None => {
-            let stem = weights.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-            Sam2Config::preset(stem).with_context(|| {
-                format!(
-                    "cannot infer the config from the weights name {stem:?}; pass --config (one of {})",
-                    sgp_sam2::config::PRESET_NAMES.join(", ")
-                )
-            })
-        }
-    }
-}
-
 /// Loads an image as RGB `[3, H, W]` f32 in [0, 1] (torchvision `ToTensor`).
 pub fn load_rgb(path: &Path) -> anyhow::Result<Tensor> {
     let img = image::ImageReader::open(path)
@@ -129,23 +101,10 @@ pub fn write_mask_png(mask: &Tensor, out: &Path) -> anyhow::Result<()> {
     let (h, w) = mask.dims2()?;
     let data: Vec<u8> = mask.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|v| if v > 0 { 255 } else { 0 }).collect();
     let img = image::GrayImage::from_raw(w as u32, h as u32, data).context("mask buffer size")?;
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        bail!("output folder {} does not exist", dir.display());
-    }
-    let name = out.file_name().and_then(|s| s.to_str()).context("--out needs a file name")?;
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = img
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("cannot write {}", tmp.display()))
-        .and_then(|_| std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display())));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .context("cannot encode the mask as PNG")?;
+    sgp_data::write_atomic(out, &png).with_context(|| format!("cannot write {}", out.display()))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -175,7 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let t0 = Instant::now();
     // Real-use settings (`build_sam2` post-processing) are on for user commands.
-    let loaded = crate::model_source::load_model(&args.weights, args.config.as_deref(), args.image_size)?;
+    let loaded = args.model.load()?;
     let (model, cfg) = (loaded.model, loaded.config);
     let t_load = t0.elapsed();
     let t1 = Instant::now();
@@ -244,13 +203,5 @@ mod tests {
         assert_eq!(names.len(), 1);
         assert!(write_mask_png(&mask, &dir.join("missing/mask.png")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn infers_the_config_from_official_weight_names() {
-        let cfg = resolve_config(None, Path::new("/w/sam2.1_hiera_tiny.pt")).unwrap();
-        assert_eq!(cfg.image_encoder.trunk.embed_dim, 96);
-        assert!(resolve_config(None, Path::new("/w/model.pt")).is_err());
-        assert!(resolve_config(Some("no_such_preset"), Path::new("/w/x.pt")).is_err());
     }
 }

@@ -5,8 +5,9 @@
 //! Slices are taken along `--axis`; in a slice image, columns run along the lower remaining
 //! array axis and rows along the higher one (for axis 2: x → columns, y → rows), so prompt
 //! coordinates `x,y` are voxel indices. Intensities are mapped to [0, 1] per volume
-//! (`sgp_data::preprocess`, per-modality defaults or `--window`). The label volume (0/1,
-//! uint8) is written atomically with the input's header and affine.
+//! (`sgp_data::preprocess`, per-modality defaults or `--window`). The 0/1 label volume
+//! is written atomically with the input's header and affine (`sgp_data::write_labels_like`
+//! picks the datatype).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,10 +17,9 @@ use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use sgp_data::preprocess::{normalize_intensity, IntensityMethod};
 use sgp_data::Modality;
-use sgp_sam2::model::Sam2Model;
 use sgp_sam2::propagation::{Direction, SlicePrompt, VolumePropagator, VolumeSlices};
 
-use crate::predict2d::{parse_box, parse_points, resolve_config};
+use crate::predict2d::{parse_box, parse_points};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -51,16 +51,8 @@ pub struct Args {
     /// Fixed intensity window "level,width" (e.g. -600,1500 for lung CT); overrides --modality.
     #[arg(long, value_name = "L,W", allow_hyphen_values = true)]
     window: Option<String>,
-    /// SAM2/SAM2.1 checkpoint (.pt or .safetensors).
-    #[arg(long)]
-    weights: PathBuf,
-    /// Preset name (e.g. sam2.1_hiera_t) or a yaml/JSON config file; default inferred from
-    /// the weights file name.
-    #[arg(long)]
-    config: Option<String>,
-    /// Model input size S (multiple of 32); default: the config's.
-    #[arg(long)]
-    image_size: Option<usize>,
+    #[command(flatten)]
+    model: crate::model_source::ModelArgs,
     /// Output label volume (.nii.gz).
     #[arg(long)]
     out: PathBuf,
@@ -72,7 +64,7 @@ fn intensity_method(args: &Args) -> anyhow::Result<IntensityMethod> {
             .split(',')
             .map(|t| t.trim().parse::<f32>().with_context(|| format!("--window {w:?}: {t:?} is not a number")))
             .collect::<anyhow::Result<_>>()?;
-        if v.len() != 2 || !(v[1] > 0.0) {
+        if v.len() != 2 || v[1].is_nan() || v[1] <= 0.0 {
             bail!("--window needs level,width with width > 0, got {w:?}");
         }
         return Ok(IntensityMethod::Window { level: v[0], width: v[1] });
@@ -138,13 +130,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let slices = VolumeSlices::new(norm.iter().copied().collect(), shape, args.axis)?;
     let prompt = slice_prompt(&args, img.shape(), &slices)?;
 
-    let mut cfg = resolve_config(args.config.as_deref(), &args.weights)?.with_real_use_settings();
-    if let Some(s) = args.image_size {
-        cfg = cfg.with_image_size(s)?;
+    let loaded = args.model.load()?;
+    if !loaded.has_memory_path {
+        bail!(
+            "`{}` is an image-only checkpoint (transformers Sam2Model); propagation needs the \
+             memory path: use the official .pt or a Sam2VideoModel checkpoint",
+            args.model.weights
+        );
     }
-    let device = Device::Cpu;
-    let model = Sam2Model::load(&cfg, &args.weights, &device)
-        .with_context(|| format!("loading {}", args.weights.display()))?;
+    let model = loaded.model;
 
     let n = shape[args.axis];
     let bar = ProgressBar::new(n as u64);

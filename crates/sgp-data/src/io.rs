@@ -794,11 +794,23 @@ fn temp_in_dir(path: &Path, suffix: &str) -> Result<tempfile::NamedTempFile> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    tempfile::Builder::new()
-        .prefix(".sgp-tmp-")
-        .suffix(suffix)
-        .tempfile_in(&dir)
-        .map_err(|e| DataError::io(&dir, e))
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".sgp-tmp-").suffix(suffix);
+    // Temporary files are private (0600); outputs are for everyone who may read the folder.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    builder.tempfile_in(&dir).map_err(|e| DataError::io(&dir, e))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, then renames it:
+/// readers never see a half-written file, and a failure leaves the old file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut tmp = temp_in_dir(path, ".part")?;
+    tmp.write_all(bytes).map_err(|e| DataError::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| DataError::io(path, e))?;
+    tmp.persist(path).map_err(|e| DataError::io(path, e.error))?;
+    Ok(())
 }
 
 fn write_raster_labels(path: &Path, labels: &ArrayD<u16>) -> Result<()> {

@@ -8,8 +8,7 @@
 //! per-class means (nnU-Net's `foreground_mean`).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -285,26 +284,13 @@ fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
 /// Write a file atomically: a temporary file in the same folder, then a rename, so that a
 /// reader never sees a half-written report.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir: PathBuf = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| EvalError::io(&dir, e))?;
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".tmp-");
-    // Temporary files are private (0600) by default; reports are for everyone to read.
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
-    let mut tmp = builder
-        .tempfile_in(&dir)
-        .map_err(|e| EvalError::io(&dir, e))?;
-    tmp.write_all(bytes).map_err(|e| EvalError::io(path, e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| EvalError::io(path, e))?;
-    tmp.persist(path)
-        .map_err(|e| EvalError::io(path, e.error))?;
-    Ok(())
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
+    }
+    sgp_data::write_atomic(path, bytes).map_err(|source| EvalError::Data {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use candle_core::{DType, Tensor};
 
 use crate::model::{PreparedFeatures, Sam2Model, IMAGE_MEAN, IMAGE_STD};
 use crate::sam_heads::PointInputs;
-use crate::track::{FramePrompt, MemoryBank, MemorySelection};
+use crate::track::{FrameOutput, FramePrompt, MemoryBank, MemorySelection};
 use crate::{Error, Result};
 
 /// Which slices to propagate to from the prompted slice(s).
@@ -387,7 +387,7 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
                 *idx,
                 SliceResult { index: *idx, low_res_logits: frame.pred_masks.squeeze(0)?.squeeze(0)?, object_score: score, prompted: true },
             );
-            bank.cond_frame_outputs.insert(*idx, frame);
+            bank.cond_frame_outputs.insert(*idx, detached(frame));
         }
 
         // 2. The passes.
@@ -423,7 +423,7 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
                     object_score: score,
                     prompted: false,
                 };
-                bank.non_cond_frame_outputs.insert(idx, frame);
+                bank.non_cond_frame_outputs.insert(idx, detached(frame));
                 self.policy.observe(idx, &pooled, score, false);
                 self.peak_bank_len = self.peak_bank_len.max(bank.len());
                 self.policy.evict(self.model, &ctx, &mut bank, &later);
@@ -493,6 +493,18 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
             return Ok(pred_masks.clone());
         }
         fill_holes_in_mask_scores(pred_masks, area)
+    }
+}
+
+/// Stored memories never carry an autograd graph: with tracked weights, each frame's graph
+/// would otherwise reach back through every earlier frame and keep all of them alive.
+fn detached(f: FrameOutput) -> FrameOutput {
+    FrameOutput {
+        maskmem_features: f.maskmem_features.map(|t| t.detach()),
+        maskmem_pos_enc: f.maskmem_pos_enc.map(|t| t.detach()),
+        pred_masks: f.pred_masks.detach(),
+        obj_ptr: f.obj_ptr.detach(),
+        object_score_logits: f.object_score_logits.detach(),
     }
 }
 

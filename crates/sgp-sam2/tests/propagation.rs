@@ -22,24 +22,26 @@ fn reduced_model() -> CResult<Sam2Model> {
     cfg.num_maskmem = 3;
     cfg.max_obj_ptrs_in_encoder = 4;
     let dev = Device::Cpu;
+    // The VarMap only lists every parameter; the model is built from plain tensors so
+    // that inference is untracked (fast kernels, no autograd graph), as with real weights.
     let varmap = VarMap::new();
-    let model = Sam2Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
-    let mut vars: Vec<_> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    Sam2Model::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+    let mut vars: Vec<_> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    for (i, (name, var)) in vars.iter().enumerate() {
-        let t = var.as_tensor();
+    let mut tensors = std::collections::HashMap::new();
+    for (i, (name, t)) in vars.iter().enumerate() {
         // Deterministic pseudo-random values per tensor (seeded by position).
         let n = t.elem_count();
         let vals: Vec<f32> = (0..n)
             .map(|j| {
                 let x = ((i * 7919 + j * 104_729) as f64 * 0.618_033_988_75).fract() as f32;
                 let r = (x - 0.5) * 0.2;
-                if name.ends_with("norm.weight") || name.contains("norm") && name.ends_with("weight") { 1.0 + r } else { r }
+                if name.contains("norm") && name.ends_with("weight") { 1.0 + r } else { r }
             })
             .collect();
-        var.set(&Tensor::from_vec(vals, t.shape(), &dev)?)?;
+        tensors.insert(name.clone(), Tensor::from_vec(vals, t.shape(), &dev)?);
     }
-    Ok(model)
+    Ok(Sam2Model::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev)).unwrap())
 }
 
 /// The scan as [0, 1] slices along z, and its ground-truth label.
