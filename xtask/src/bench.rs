@@ -1,6 +1,9 @@
 //! `cargo xtask bench <what>`: end-to-end benchmarks, reported beside the official PyTorch
 //! code where it applies. Kernel-level benchmarks are criterion benches in their crates.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
 use clap::Subcommand;
 
 #[derive(clap::Args)]
@@ -21,5 +24,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Sam2(a) => crate::bench_sam2::run(a),
         What::Propagate(a) => crate::bench_propagate::run(a),
+    }
+}
+
+/// The PyTorch side of a benchmark, under `tools/bench/`.
+pub fn pytorch_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench").join(name)
+}
+
+/// Whether `python` can run the official code; the reason when it cannot.
+pub fn python_has_sam2(python: &str) -> Result<(), String> {
+    match Command::new(python).args(["-c", "import sam2, torch, safetensors"]).output() {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "{python} cannot import sam2/torch/safetensors: {}",
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+        )),
+        Err(e) => Err(format!("cannot run {python}: {e}")),
     }
 }

@@ -129,21 +129,6 @@ fn vm_hwm_mb() -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
-fn python_has_sam2(python: &str) -> Result<(), String> {
-    match Command::new(python).args(["-c", "import sam2, torch, safetensors"]).output() {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!(
-            "{python} cannot import sam2/torch/safetensors: {}",
-            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
-        )),
-        Err(e) => Err(format!("cannot run {python}: {e}")),
-    }
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench/propagate_pytorch_bench.py")
-}
-
 fn last_json(out: &std::process::Output, what: &str) -> anyhow::Result<serde_json::Value> {
     if !out.status.success() {
         bail!("{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -155,7 +140,7 @@ fn last_json(out: &std::process::Output, what: &str) -> anyhow::Result<serde_jso
 
 fn run_python(args: &Args, size: usize, slices: usize, threads: usize, mode: &str, weights: Option<&Path>) -> anyhow::Result<serde_json::Value> {
     let mut cmd = Command::new(&args.python);
-    cmd.arg(script())
+    cmd.arg(crate::bench::pytorch_script("propagate_pytorch_bench.py"))
         .args(["--config", &args.config, "--size", &size.to_string(), "--slices", &slices.to_string()])
         .args(["--threads", &threads.to_string(), "--mode", mode]);
     if let Some(w) = weights {
@@ -175,7 +160,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     // Children inherit this; candle reads it when its thread pool starts.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let py = python_has_sam2(&args.python);
+    let py = crate::bench::python_has_sam2(&args.python);
     if let Err(e) = &py {
         eprintln!("PyTorch side skipped: {e}");
     }

@@ -79,25 +79,10 @@ fn time_ms<T>(warmup: usize, iters: usize, mut f: impl FnMut() -> anyhow::Result
     Ok(median(ts))
 }
 
-fn script_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench/sam2_pytorch_bench.py")
-}
-
-fn python_has_sam2(python: &str) -> Result<(), String> {
-    match Command::new(python).args(["-c", "import sam2, torch, safetensors"]).output() {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!(
-            "{python} cannot import sam2/torch/safetensors: {}",
-            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
-        )),
-        Err(e) => Err(format!("cannot run {python}: {e}")),
-    }
-}
-
 /// Runs the PyTorch side for one size; writes weights to `weights` and returns its timings.
 fn run_pytorch(args: &Args, size: usize, threads: usize, weights: &Path) -> anyhow::Result<Timings> {
     let mut cmd = Command::new(&args.python);
-    cmd.arg(script_path())
+    cmd.arg(crate::bench::pytorch_script("sam2_pytorch_bench.py"))
         .args(["--config", &args.config])
         .args(["--size", &size.to_string()])
         .args(["--threads", &threads.to_string()])
@@ -311,7 +296,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let base = Sam2Config::preset(&args.config)?.with_real_use_settings();
-    let python = python_has_sam2(&args.python);
+    let python = crate::bench::python_has_sam2(&args.python);
     if let Err(why) = &python {
         eprintln!("PyTorch side skipped: {why} (use --python PATH)");
     }

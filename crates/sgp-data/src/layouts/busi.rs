@@ -30,20 +30,11 @@ pub fn labels() -> LabelDefinition {
 }
 
 fn busi_root(root: &Path) -> Option<PathBuf> {
-    [
-        "",
-        "Dataset_BUSI_with_GT",
-        "Dataset_BUSI/Dataset_BUSI_with_GT",
-    ]
-    .iter()
-    .map(|c| {
-        if c.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(c)
-        }
-    })
-    .find(|p| CLASSES.iter().any(|c| p.join(c).is_dir()))
+    super::find_root(
+        root,
+        &["", "Dataset_BUSI_with_GT", "Dataset_BUSI/Dataset_BUSI_with_GT"],
+        |p| CLASSES.iter().any(|c| p.join(c).is_dir()),
+    )
 }
 
 /// `benign (4)_mask_1.png` -> `Some(("benign (4)", 1))`, `benign (4)_mask.png` -> `(…, 0)`.

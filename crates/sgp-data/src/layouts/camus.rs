@@ -38,22 +38,11 @@ fn patients_root(root: &Path) -> Option<PathBuf> {
             .map(|d| d.iter().any(|x| is_patient_dir(x)))
             .unwrap_or(false)
     };
-    [
-        "",
-        "database_nifti",
-        "CAMUS_public/database_nifti",
-        "training",
-        "database",
-    ]
-    .iter()
-    .map(|c| {
-        if c.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(c)
-        }
-    })
-    .find(|p| p.is_dir() && has(p))
+    super::find_root(
+        root,
+        &["", "database_nifti", "CAMUS_public/database_nifti", "training", "database"],
+        has,
+    )
 }
 
 pub fn load(root: &Path) -> Result<Dataset> {
