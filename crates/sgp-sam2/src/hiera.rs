@@ -9,11 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::adapt::AdaptableLinear;
 use crate::config::HieraConfig;
-use crate::ops::{gelu, softmax_last_dim, LayerNorm};
-
-/// Upper bound on attention-score elements held at once; larger problems are split
-/// over query rows (same result, bounded memory for global attention at 1024 px).
-const MAX_SCORE_ELEMS: usize = 1 << 26;
+use crate::ops::{gelu, scaled_dot_product_attention, LayerNorm};
 
 #[derive(Debug, Clone)]
 pub struct MultiScaleAttention {
@@ -63,40 +59,10 @@ impl MultiScaleAttention {
         let q = q.transpose(1, 2)?.contiguous()?;
         let k = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let o = attention(&q, &k, &v)?; // [B, nh, Lq, hd]
+        let o = scaled_dot_product_attention(&q, &k, &v)?; // [B, nh, Lq, hd]
         let o = o.transpose(1, 2)?.reshape((b, h, w, self.dim_out))?;
         self.proj.forward(&o)
     }
-}
-
-/// Scaled dot-product attention over `[B, nh, L, hd]` tensors, scale 1/sqrt(hd).
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    attention_chunked(q, k, v, MAX_SCORE_ELEMS)
-}
-
-/// [`attention`] holding at most about `max_score_elems` scores at once.
-fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, max_score_elems: usize) -> Result<Tensor> {
-    let (b, nh, lq, hd) = q.dims4()?;
-    let lk = k.dim(2)?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let kt = k.transpose(2, 3)?.contiguous()?;
-    let per_row = b * nh * lk;
-    let chunk = (max_score_elems / per_row.max(1)).max(1);
-    let one = |q: &Tensor| -> Result<Tensor> {
-        let s = (q.matmul(&kt)? * scale)?;
-        softmax_last_dim(&s)?.matmul(v)
-    };
-    if chunk >= lq {
-        return one(q);
-    }
-    let mut outs = Vec::with_capacity(lq.div_ceil(chunk));
-    let mut start = 0;
-    while start < lq {
-        let len = chunk.min(lq - start);
-        outs.push(one(&q.narrow(2, start, len)?.contiguous()?)?);
-        start += len;
-    }
-    Tensor::cat(&outs, 2)?.reshape((b, nh, lq, hd))
 }
 
 /// `nn.MaxPool2d(kernel=stride=s, ceil_mode=False)` applied to a channels-last map.
@@ -493,9 +459,9 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (1, 2, 5, 4), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (1, 2, 7, 4), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, 2, 7, 4), &dev).unwrap();
-        let full = attention(&q, &k, &v).unwrap();
+        let full = crate::ops::scaled_dot_product_attention(&q, &k, &v).unwrap();
         // 2 heads × 7 keys = 14 scores per query row: 20 allows one row per chunk.
-        let chunked = attention_chunked(&q, &k, &v, 20).unwrap();
+        let chunked = crate::ops::attention_chunked(&q, &k, &v, 20).unwrap();
         // Reference: softmax(q kᵀ / 2) v written out directly.
         let s = (q.matmul(&k.t().unwrap()).unwrap() / 2.0).unwrap();
         let p = candle_nn::ops::softmax(&s, candle_core::D::Minus1).unwrap();

@@ -5,12 +5,12 @@
 //! Tensors follow the official sequence-first layout at the API (`[tokens, B, C]`).
 //! Dropout is a no-op: this is the eval-mode function.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::adapt::AdaptableLinear;
-use crate::ops::{softmax_last_dim, LayerNorm};
+use crate::ops::LayerNorm;
 use crate::rope::AxialRope;
 
 fn default_true() -> bool {
@@ -145,9 +145,6 @@ pub struct RoPEAttention {
     pub rope_k_repeat: bool,
 }
 
-/// Query rows per block when attention is not tracked by autograd: bounds the score
-/// matrix (queries × memory tokens) of 1024-px frames with a full bank to ~120 MB.
-const QUERY_CHUNK: usize = 1024;
 
 impl RoPEAttention {
     pub fn new(cfg: &AttentionConfig, vb: VarBuilder) -> Result<Self> {
@@ -212,31 +209,8 @@ impl RoPEAttention {
     }
 }
 
-/// `softmax(q kᵀ/√d) v` over [B,H,N,d]. Without autograd, query rows are processed in
-/// blocks so the score matrix stays small; each row's result is the same.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let dh = q.dim(D::Minus1)?;
-    let scale = 1.0 / (dh as f64).sqrt();
-    let kt = k.transpose(2, 3)?.contiguous()?;
-    let v = v.contiguous()?;
-    let nq = q.dim(2)?;
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    let block = |qb: &Tensor| -> Result<Tensor> {
-        let s = (qb.contiguous()?.matmul(&kt)? * scale)?;
-        softmax_last_dim(&s)?.matmul(&v)
-    };
-    if tracked || nq <= QUERY_CHUNK {
-        return block(q);
-    }
-    let mut outs = Vec::with_capacity(nq.div_ceil(QUERY_CHUNK));
-    let mut start = 0;
-    while start < nq {
-        let len = QUERY_CHUNK.min(nq - start);
-        outs.push(block(&q.narrow(2, start, len)?)?);
-        start += len;
-    }
-    Tensor::cat(&outs, 2)
-}
+/// `softmax(q kᵀ/√d) v` over [B,H,N,d] (see [`crate::ops::scaled_dot_product_attention`]).
+pub use crate::ops::scaled_dot_product_attention;
 
 #[derive(Debug, Clone, Copy)]
 enum Activation {

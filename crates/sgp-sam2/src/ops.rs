@@ -91,3 +91,56 @@ pub fn ensure_f32(x: &Tensor) -> Result<Tensor> {
         x.to_dtype(DType::F32)
     }
 }
+
+/// Upper bound on attention-score elements held at once; larger problems are split over
+/// query rows (same result, bounded memory for global attention at 1024 px).
+const MAX_SCORE_ELEMS: usize = 1 << 26;
+
+/// Key count from which inference uses the fused kernel (Hiera's global blocks, memory
+/// attention over several frames).
+const FUSED_MIN_KEYS: usize = 1024;
+
+/// `softmax(q kᵀ/√d) v` over `[B, H, L, d]` tensors.
+///
+/// Long inference attentions go through the tiled online-softmax kernel of `sgp-kernels`
+/// with an all-ones key map, whose bias `ln 1 = 0` leaves plain attention: no L×L score
+/// matrix is materialised. Tracked (training) inputs use the differentiable composition.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let lk = k.dim(2)?;
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if !tracked && q.device().is_cpu() && q.dtype() == DType::F32 && lk >= FUSED_MIN_KEYS {
+        let b = q.dim(0)?;
+        let keep_all = Tensor::ones((b, lk), DType::F32, q.device())?;
+        let opts = sgp_kernels::masked_attention::MaskedAttentionOptions::default();
+        return sgp_kernels::masked_attention::masked_attention(q, k, v, &keep_all, &opts)
+            .map_err(|e| candle_core::Error::Msg(format!("fused attention: {e}")));
+    }
+    attention_chunked(q, k, v, MAX_SCORE_ELEMS)
+}
+
+/// The composition behind [`scaled_dot_product_attention`], holding at most about
+/// `max_score_elems` scores at once (query rows in blocks; each row's result is the same).
+pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, max_score_elems: usize) -> Result<Tensor> {
+    let (b, nh, lq, hd) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let kt = k.transpose(2, 3)?.contiguous()?;
+    let v = v.contiguous()?;
+    let per_row = b * nh * lk;
+    let chunk = (max_score_elems / per_row.max(1)).max(1);
+    let one = |q: &Tensor| -> Result<Tensor> {
+        let s = (q.contiguous()?.matmul(&kt)? * scale)?;
+        softmax_last_dim(&s)?.matmul(&v)
+    };
+    if chunk >= lq {
+        return one(q);
+    }
+    let mut outs = Vec::with_capacity(lq.div_ceil(chunk));
+    let mut start = 0;
+    while start < lq {
+        let len = chunk.min(lq - start);
+        outs.push(one(&q.narrow(2, start, len)?)?);
+        start += len;
+    }
+    Tensor::cat(&outs, 2)?.reshape((b, nh, lq, hd))
+}
