@@ -34,7 +34,10 @@ pub fn pytorch_script(name: &str) -> PathBuf {
 
 /// Whether `python` can run the official code; the reason when it cannot.
 pub fn python_has_sam2(python: &str) -> Result<(), String> {
-    match Command::new(python).args(["-c", "import sam2, torch, safetensors"]).output() {
+    match Command::new(python)
+        .args(["-c", "import sam2, torch, safetensors"])
+        .output()
+    {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => Err(format!(
             "{python} cannot import sam2/torch/safetensors: {}",

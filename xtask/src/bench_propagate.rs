@@ -75,7 +75,9 @@ impl SliceSource for RandomSlices {
 }
 
 fn config(name: &str, size: usize) -> anyhow::Result<Sam2Config> {
-    Ok(Sam2Config::preset(name)?.with_image_size(size)?.with_real_use_settings())
+    Ok(Sam2Config::preset(name)?
+        .with_image_size(size)?
+        .with_real_use_settings())
 }
 
 /// Our model on the exchanged weights, or random weights without them.
@@ -94,7 +96,10 @@ fn load_model(cfg: &Sam2Config, weights: Option<&Path>) -> anyhow::Result<Sam2Mo
         let t = var.as_tensor().detach();
         tensors.insert(name.clone(), (Tensor::randn(0f32, 0.02, t.shape(), &dev)? + t)?);
     }
-    Ok(Sam2Model::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &dev))?)
+    Ok(Sam2Model::new(
+        cfg,
+        VarBuilder::from_tensors(tensors, DType::F32, &dev),
+    )?)
 }
 
 fn prompt(size: usize) -> anyhow::Result<Vec<(usize, SlicePrompt)>> {
@@ -104,7 +109,10 @@ fn prompt(size: usize) -> anyhow::Result<Vec<(usize, SlicePrompt)>> {
             m[r * size + c] = 1.0;
         }
     }
-    Ok(vec![(0, SlicePrompt::Mask(Tensor::from_vec(m, (size, size), &Device::Cpu)?))])
+    Ok(vec![(
+        0,
+        SlicePrompt::Mask(Tensor::from_vec(m, (size, size), &Device::Cpu)?),
+    )])
 }
 
 /// Runs the propagation; returns the time of each emitted slice in ms.
@@ -134,19 +142,40 @@ fn last_json(out: &std::process::Output, what: &str) -> anyhow::Result<serde_jso
         bail!("{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).with_context(|| format!("no JSON from {what}"))?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("no JSON from {what}"))?;
     Ok(serde_json::from_str(line)?)
 }
 
-fn run_python(args: &Args, size: usize, slices: usize, threads: usize, mode: &str, weights: Option<&Path>) -> anyhow::Result<serde_json::Value> {
+fn run_python(
+    args: &Args,
+    size: usize,
+    slices: usize,
+    threads: usize,
+    mode: &str,
+    weights: Option<&Path>,
+) -> anyhow::Result<serde_json::Value> {
     let mut cmd = Command::new(&args.python);
     cmd.arg(crate::bench::pytorch_script("propagate_pytorch_bench.py"))
-        .args(["--config", &args.config, "--size", &size.to_string(), "--slices", &slices.to_string()])
+        .args([
+            "--config",
+            &args.config,
+            "--size",
+            &size.to_string(),
+            "--slices",
+            &slices.to_string(),
+        ])
         .args(["--threads", &threads.to_string(), "--mode", mode]);
     if let Some(w) = weights {
         cmd.arg("--write-weights").arg(w);
     }
-    last_json(&cmd.output().with_context(|| format!("cannot run {}", args.python))?, "PyTorch bench")
+    last_json(
+        &cmd.output().with_context(|| format!("cannot run {}", args.python))?,
+        "PyTorch bench",
+    )
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -157,7 +186,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::json!({"peak_rss_mb": vm_hwm_mb()?}));
         return Ok(());
     }
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     // Children inherit this; candle reads it when its thread pool starts.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let py = crate::bench::python_has_sam2(&args.python);
@@ -186,8 +217,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.peak_slices > 0 {
             let exe = std::env::current_exe()?;
             let mut cmd = Command::new(exe);
-            cmd.args(["bench", "propagate", "--config", &args.config, "--child-peak", &size.to_string()])
-                .args(["--peak-slices", &args.peak_slices.to_string()]);
+            cmd.args([
+                "bench",
+                "propagate",
+                "--config",
+                &args.config,
+                "--child-peak",
+                &size.to_string(),
+            ])
+            .args(["--peak-slices", &args.peak_slices.to_string()]);
             if let Some(w) = w {
                 cmd.arg("--child-weights").arg(w);
             }
@@ -198,7 +236,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let _ = std::fs::remove_file(&weights);
         let f = |x: Option<f64>| x.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
-        let ratio = py_ms.map(|p| format!("{:.2}", p / ours_ms)).unwrap_or_else(|| "-".into());
+        let ratio = py_ms
+            .map(|p| format!("{:.2}", p / ours_ms))
+            .unwrap_or_else(|| "-".into());
         println!(
             "| {size} | {} | {ours_ms:.0} | {} | {ratio} | {} | {} | {} |",
             args.slices,

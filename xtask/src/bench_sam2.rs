@@ -98,7 +98,11 @@ fn run_pytorch(args: &Args, size: usize, threads: usize, weights: &Path) -> anyh
         bail!("PyTorch bench failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("no JSON from PyTorch bench")?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON from PyTorch bench")?;
     let v: serde_json::Value = serde_json::from_str(line).context("PyTorch bench JSON")?;
     let mut t = Timings::new();
     for key in ["results", "profile"] {
@@ -193,7 +197,11 @@ fn profile_ours(
         };
         let ws: Vec<usize> = blocks.iter().map(|b| b.window_size).collect();
         if size == args.sizes[0] {
-            eprintln!("hiera stage {stage}: {} blocks, window sizes {:?} (0 = global)", blocks.len(), dedup(&ws));
+            eprintln!(
+                "hiera stage {stage}: {} blocks, window sizes {:?} (0 = global)",
+                blocks.len(),
+                dedup(&ws)
+            );
         }
         t.insert((format!("  hiera.stage{stage}"), size), time_ms(w, n, run)?);
         // Inside the blocks: attention (qkv, core, proj) and MLP, on inputs of the shapes
@@ -203,14 +211,20 @@ fn profile_ours(
         for b in blocks {
             let (bb, h, ww, _) = y.dims4()?;
             let normed = Tensor::randn(0f32, 1.0, (bb, h, ww, b.dim), &Device::Cpu)?;
-            let win = if b.window_size > 0 { sgp_sam2::hiera::window_partition(&normed, b.window_size)?.0 } else { normed };
+            let win = if b.window_size > 0 {
+                sgp_sam2::hiera::window_partition(&normed, b.window_size)?.0
+            } else {
+                normed
+            };
             attn += time_ms(w, n, || Ok(b.attn.forward(&win)?))?;
             qkv += time_ms(w, n, || Ok(b.attn.qkv.forward(&win)?))?;
             let attn_out = b.attn.forward(&win)?;
             proj += time_ms(w, n, || Ok(b.attn.proj.forward(&attn_out)?))?;
             y = b.forward(&y)?;
             let m = Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu)?;
-            mlp += time_ms(w, n, || Ok(b.mlp.layers[1].forward(&gelu(&b.mlp.layers[0].forward(&m)?)?)?))?;
+            mlp += time_ms(w, n, || {
+                Ok(b.mlp.layers[1].forward(&gelu(&b.mlp.layers[0].forward(&m)?)?)?)
+            })?;
         }
         for (part, ms) in [("attn", attn), ("attn.qkv", qkv), ("attn.proj", proj), ("mlp", mlp)] {
             t.insert((format!("  hiera.stage{stage}.{part}"), size), ms);
@@ -300,7 +314,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Err(why) = &python {
         eprintln!("PyTorch side skipped: {why} (use --python PATH)");
     }
-    let work_dir = args.work_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("sgp-bench-sam2"));
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("sgp-bench-sam2"));
     std::fs::create_dir_all(&work_dir).with_context(|| format!("cannot create {}", work_dir.display()))?;
 
     let mut ours = Timings::new();
@@ -326,7 +343,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "SAM2 {} on CPU, {threads} threads, median of {} (after {} warm-up)",
         args.config, args.iters, args.warmup
     );
-    println!("{:<42} {:>6} {:>12} {:>12} {:>7}", "stage", "size", "ours ms", "PyTorch ms", "ratio");
+    println!(
+        "{:<42} {:>6} {:>12} {:>12} {:>7}",
+        "stage", "size", "ours ms", "PyTorch ms", "ratio"
+    );
     add_attention_core(&mut ours);
     add_attention_core(&mut theirs);
     let mut keys: Vec<&(String, usize)> = ours.keys().collect();
@@ -359,8 +379,18 @@ fn add_attention_core(t: &mut Timings) {
 
 fn order(stage: &str) -> usize {
     let s = stage.trim_start();
-    ["encode", "decode", "hiera.patch", "hiera.stage", "neck", "dec.prompt", "dec.two", "dec.upscaling", "dec.upsample"]
-        .iter()
-        .position(|p| s.starts_with(p))
-        .unwrap_or(99)
+    [
+        "encode",
+        "decode",
+        "hiera.patch",
+        "hiera.stage",
+        "neck",
+        "dec.prompt",
+        "dec.two",
+        "dec.upscaling",
+        "dec.upsample",
+    ]
+    .iter()
+    .position(|p| s.starts_with(p))
+    .unwrap_or(99)
 }

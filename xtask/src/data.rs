@@ -81,8 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             test,
         } => {
             let (kind, root) = common.resolve()?;
-            let ds = sgp_data::load(kind, &root)
-                .with_context(|| format!("loading {kind} from {}", root.display()))?;
+            let ds = sgp_data::load(kind, &root).with_context(|| format!("loading {kind} from {}", root.display()))?;
             let cfg = SplitConfig {
                 seed,
                 support_patients: support,
@@ -100,8 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn verify(common: &Common) -> anyhow::Result<()> {
     let (kind, root) = common.resolve()?;
-    let ds = sgp_data::load(kind, &root)
-        .with_context(|| format!("loading {kind} from {}", root.display()))?;
+    let ds = sgp_data::load(kind, &root).with_context(|| format!("loading {kind} from {}", root.display()))?;
     let bar = indicatif::ProgressBar::new(ds.cases.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("verify {bar:30} {pos}/{len} cases {elapsed}")

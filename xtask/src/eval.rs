@@ -45,10 +45,7 @@ fn parse_slice(s: &str) -> anyhow::Result<SliceChoice> {
         "max" => SliceChoice::MostForeground,
         "montage" => SliceChoice::Montage(9),
         _ => match s.strip_prefix("montage:") {
-            Some(n) => SliceChoice::Montage(
-                n.parse()
-                    .with_context(|| format!("--slice {s}: bad tile count"))?,
-            ),
+            Some(n) => SliceChoice::Montage(n.parse().with_context(|| format!("--slice {s}: bad tile count"))?),
             None => SliceChoice::Index(
                 s.parse()
                     .with_context(|| format!("--slice {s}: expected max, N or montage[:N]"))?,
@@ -91,10 +88,6 @@ pub fn run(args: EvalFolderArgs) -> anyhow::Result<()> {
         eprintln!("overlay images from {}", d.display());
     }
     println!("{}", report.to_markdown());
-    eprintln!(
-        "wrote {} files to {}",
-        outcome.written.len(),
-        args.out.display()
-    );
+    eprintln!("wrote {} files to {}", outcome.written.len(), args.out.display());
     Ok(())
 }

@@ -3,11 +3,11 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_propagate;
+mod bench_sam2;
 mod data;
 mod eval;
 mod model_source;
-mod bench_propagate;
-mod bench_sam2;
 mod parity;
 mod predict2d;
 mod predict3d;

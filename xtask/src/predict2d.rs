@@ -55,7 +55,10 @@ pub fn parse_points(s: &str) -> anyhow::Result<(Vec<[f32; 2]>, Vec<i32>)> {
         }
         let label = v[2];
         if label != 0.0 && label != 1.0 {
-            bail!("--points item {} ({item:?}): label must be 1 (foreground) or 0 (background)", i + 1);
+            bail!(
+                "--points item {} ({item:?}): label must be 1 (foreground) or 0 (background)",
+                i + 1
+            );
         }
         pts.push([v[0], v[1]]);
         labels.push(label as i32);
@@ -86,7 +89,12 @@ pub fn load_rgb(path: &Path) -> anyhow::Result<Tensor> {
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?
         .decode()
-        .with_context(|| format!("cannot decode image {} (PNG, JPEG, BMP or TIFF expected)", path.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot decode image {} (PNG, JPEG, BMP or TIFF expected)",
+                path.display()
+            )
+        })?;
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
     if w == 0 || h == 0 {
@@ -99,7 +107,12 @@ pub fn load_rgb(path: &Path) -> anyhow::Result<Tensor> {
 /// Writes a `[H, W]` u8 0/1 mask as a 0/255 grayscale PNG via a temp file + rename.
 pub fn write_mask_png(mask: &Tensor, out: &Path) -> anyhow::Result<()> {
     let (h, w) = mask.dims2()?;
-    let data: Vec<u8> = mask.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|v| if v > 0 { 255 } else { 0 }).collect();
+    let data: Vec<u8> = mask
+        .flatten_all()?
+        .to_vec1::<u8>()?
+        .into_iter()
+        .map(|v| if v > 0 { 255 } else { 0 })
+        .collect();
     let img = image::GrayImage::from_raw(w as u32, h as u32, data).context("mask buffer size")?;
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
@@ -141,7 +154,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let emb = model.encode_image(&image)?;
     let t_enc = t1.elapsed();
     let t2 = Instant::now();
-    let prompt = PromptInput { points, boxes, mask_input: None };
+    let prompt = PromptInput {
+        points,
+        boxes,
+        mask_input: None,
+    };
     let pred = model.predict(&emb, &prompt, args.multimask)?;
     let t_dec = t2.elapsed();
 
@@ -154,11 +171,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     write_mask_png(&mask, &args.out)?;
     let fg: f32 = mask.to_dtype(DType::F32)?.sum_all()?.to_scalar()?;
     let obj: f32 = pred.object_score_logits.flatten_all()?.get(0)?.to_scalar()?;
-    println!("wrote {} ({w}x{h}, {} foreground pixels)", args.out.display(), fg as u64);
+    println!(
+        "wrote {} ({w}x{h}, {} foreground pixels)",
+        args.out.display(),
+        fg as u64
+    );
     if args.multimask {
         println!("predicted IoUs {ious:.4?}; kept mask {best}");
     }
-    println!("predicted IoU {:.4}; object score logit {obj:.4} (object {})", ious[best], if obj > 0.0 { "present" } else { "absent" });
+    println!(
+        "predicted IoU {:.4}; object score logit {obj:.4} (object {})",
+        ious[best],
+        if obj > 0.0 { "present" } else { "absent" }
+    );
     eprintln!(
         "timing: load {:.2}s, encode {:.2}s, decode {:.3}s (S = {})",
         t_load.as_secs_f64(),
@@ -199,7 +224,10 @@ mod tests {
         assert_eq!(img.dimensions(), (3, 2));
         assert_eq!(img.into_raw(), vec![0, 255, 255, 255, 0, 0]);
         // No temp file is left behind.
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1);
         assert!(write_mask_png(&mask, &dir.join("missing/mask.png")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

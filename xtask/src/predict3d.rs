@@ -62,19 +62,29 @@ fn intensity_method(args: &Args) -> anyhow::Result<IntensityMethod> {
     if let Some(w) = &args.window {
         let v: Vec<f32> = w
             .split(',')
-            .map(|t| t.trim().parse::<f32>().with_context(|| format!("--window {w:?}: {t:?} is not a number")))
+            .map(|t| {
+                t.trim()
+                    .parse::<f32>()
+                    .with_context(|| format!("--window {w:?}: {t:?} is not a number"))
+            })
             .collect::<anyhow::Result<_>>()?;
         if v.len() != 2 || v[1].is_nan() || v[1] <= 0.0 {
             bail!("--window needs level,width with width > 0, got {w:?}");
         }
-        return Ok(IntensityMethod::Window { level: v[0], width: v[1] });
+        return Ok(IntensityMethod::Window {
+            level: v[0],
+            width: v[1],
+        });
     }
     Ok(IntensityMethod::default_for(&Modality::parse(&args.modality)))
 }
 
 /// The prompt of the prompted slice from exactly one of --box, --mask, --points.
 fn slice_prompt(args: &Args, volume_shape: &[usize], slices: &VolumeSlices) -> anyhow::Result<SlicePrompt> {
-    let given = [args.box_.is_some(), args.mask.is_some(), args.points.is_some()].iter().filter(|&&b| b).count();
+    let given = [args.box_.is_some(), args.mask.is_some(), args.points.is_some()]
+        .iter()
+        .filter(|&&b| b)
+        .count();
     if given != 1 {
         bail!("give exactly one prompt: --box, --mask or --points");
     }
@@ -88,7 +98,10 @@ fn slice_prompt(args: &Args, volume_shape: &[usize], slices: &VolumeSlices) -> a
     }
     if let Some(p) = &args.points {
         let (pts, labels) = parse_points(p)?;
-        if let Some(bad) = pts.iter().find(|q| q[0] < 0.0 || q[1] < 0.0 || q[0] >= w as f32 || q[1] >= h as f32) {
+        if let Some(bad) = pts
+            .iter()
+            .find(|q| q[0] < 0.0 || q[1] < 0.0 || q[0] >= w as f32 || q[1] >= h as f32)
+        {
             bail!("point {bad:?} lies outside the {w}×{h} slice");
         }
         return Ok(SlicePrompt::Points(pts, labels));
@@ -96,7 +109,12 @@ fn slice_prompt(args: &Args, volume_shape: &[usize], slices: &VolumeSlices) -> a
     let path = args.mask.as_ref().context("no prompt")?;
     let m = sgp_data::read_labels(path).with_context(|| format!("reading --mask {}", path.display()))?;
     if m.shape() != volume_shape {
-        bail!("--mask {} has shape {:?}, the volume {:?}", path.display(), m.shape(), volume_shape);
+        bail!(
+            "--mask {} has shape {:?}, the volume {:?}",
+            path.display(),
+            m.shape(),
+            volume_shape
+        );
     }
     let flat: Vec<u16> = m.data.iter().copied().collect();
     let mut mask = vec![0f32; h * w];
@@ -124,7 +142,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--axis must be 0, 1 or 2");
     }
     if args.slice >= shape[args.axis] {
-        bail!("--slice {} out of range: axis {} has {} slices", args.slice, args.axis, shape[args.axis]);
+        bail!(
+            "--slice {} out of range: axis {} has {} slices",
+            args.slice,
+            args.axis,
+            shape[args.axis]
+        );
     }
     let norm = normalize_intensity(&img.data, intensity_method(&args)?, None)?;
     let slices = VolumeSlices::new(norm.iter().copied().collect(), shape, args.axis)?;
@@ -169,7 +192,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn ndarray_labels(labels: &[u8], shape: &[usize]) -> anyhow::Result<ndarray::ArrayD<u16>> {
-    Ok(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), labels.iter().map(|&v| u16::from(v)).collect())?)
+    Ok(ndarray::ArrayD::from_shape_vec(
+        ndarray::IxDyn(shape),
+        labels.iter().map(|&v| u16::from(v)).collect(),
+    )?)
 }
 
 fn write_labels(out: &Path, arr: &ndarray::ArrayD<u16>, reference: &sgp_data::Volume<f32>) -> anyhow::Result<()> {

@@ -65,15 +65,12 @@ impl FromStr for DatasetKind {
     type Err = DataError;
     fn from_str(s: &str) -> Result<Self> {
         let s = s.to_ascii_lowercase();
-        DatasetKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                DataError::InvalidArgument(format!(
-                    "unknown dataset kind {s:?}; expected one of {}",
-                    DatasetKind::ALL.map(|k| k.name()).join(", ")
-                ))
-            })
+        DatasetKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            DataError::InvalidArgument(format!(
+                "unknown dataset kind {s:?}; expected one of {}",
+                DatasetKind::ALL.map(|k| k.name()).join(", ")
+            ))
+        })
     }
 }
 
@@ -98,11 +95,10 @@ impl Modality {
         let l = s.trim().to_ascii_lowercase();
         match l.as_str() {
             "ct" | "computed tomography" => Modality::Ct,
-            "mr" | "mri" | "t1" | "t2" | "flair" | "t1w" | "t2w" | "t1gd" | "adc" | "cine-mri"
-            | "dwi" => Modality::Mr,
+            "mr" | "mri" | "t1" | "t2" | "flair" | "t1w" | "t2w" | "t1gd" | "adc" | "cine-mri" | "dwi" => Modality::Mr,
             "us" | "ultrasound" | "echo" | "echocardiography" => Modality::Us,
-            "photo" | "fundus" | "microscopy" | "dermoscopy" | "endoscope" | "endoscopy"
-            | "rgb" | "pathology" | "oct" => Modality::Photo,
+            "photo" | "fundus" | "microscopy" | "dermoscopy" | "endoscope" | "endoscopy" | "rgb" | "pathology"
+            | "oct" => Modality::Photo,
             _ if l.contains("ct") && !l.contains("oct") => Modality::Ct,
             _ if l.starts_with("mr") || l.contains("mri") => Modality::Mr,
             _ => Modality::Other(s.trim().to_string()),
@@ -205,20 +201,16 @@ impl Case {
                             acc.data.shape()
                         )));
                     }
-                    ndarray::Zip::from(&mut acc.data)
-                        .and(&decoded.data)
-                        .for_each(|a, &b| {
-                            if b != 0 {
-                                *a = b;
-                            }
-                        });
+                    ndarray::Zip::from(&mut acc.data).and(&decoded.data).for_each(|a, &b| {
+                        if b != 0 {
+                            *a = b;
+                        }
+                    });
                     acc
                 }
             });
         }
-        let merged = merged.ok_or_else(|| {
-            DataError::InvalidArgument(format!("case {} has no label file", self.id))
-        })?;
+        let merged = merged.ok_or_else(|| DataError::InvalidArgument(format!("case {} has no label file", self.id)))?;
         def.check(&merged.data, self.labels[0].path())?;
         Ok(merged)
     }
@@ -287,8 +279,7 @@ pub fn load(kind: DatasetKind, root: &Path) -> Result<Dataset> {
     if !root.is_dir() {
         return Err(DataError::layout(root, "not a folder"));
     }
-    let _span =
-        tracing::info_span!("load_dataset", kind = kind.name(), root = %root.display()).entered();
+    let _span = tracing::info_span!("load_dataset", kind = kind.name(), root = %root.display()).entered();
     let ds = match kind {
         DatasetKind::Acdc => crate::layouts::acdc::load(root)?,
         DatasetKind::Camus => crate::layouts::camus::load(root)?,
@@ -301,10 +292,7 @@ pub fn load(kind: DatasetKind, root: &Path) -> Result<Dataset> {
         DatasetKind::Demo => crate::layouts::demo::load(root)?,
     };
     if ds.cases.is_empty() {
-        return Err(DataError::layout(
-            &ds.root,
-            format!("no {kind} cases found"),
-        ));
+        return Err(DataError::layout(&ds.root, format!("no {kind} cases found")));
     }
     Ok(ds)
 }

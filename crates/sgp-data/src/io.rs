@@ -67,9 +67,7 @@ pub fn file_stem(path: &Path) -> String {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let lower = name.to_ascii_lowercase();
-    for ext in [
-        ".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff",
-    ] {
+    for ext in [".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"] {
         if lower.ends_with(ext) {
             return name[..name.len() - ext.len()].to_string();
         }
@@ -99,12 +97,7 @@ impl NiftiGeometry {
         for (i, s) in spacing.iter().take(7).enumerate() {
             header.pixdim[i + 1] = *s as f32;
         }
-        header.srow_x = [
-            spacing.first().copied().unwrap_or(1.0) as f32,
-            0.0,
-            0.0,
-            0.0,
-        ];
+        header.srow_x = [spacing.first().copied().unwrap_or(1.0) as f32, 0.0, 0.0, 0.0];
         header.srow_y = [0.0, spacing.get(1).copied().unwrap_or(1.0) as f32, 0.0, 0.0];
         header.srow_z = [0.0, 0.0, spacing.get(2).copied().unwrap_or(1.0) as f32, 0.0];
         header.pixdim[0] = 1.0;
@@ -292,10 +285,7 @@ impl<T> Volume<T> {
         let v = self.data.view();
         match v.ndim() {
             2 => v.into_dimensionality().ok(),
-            3 if v.shape()[2] == 1 => v
-                .index_axis_move(ndarray::Axis(2), 0)
-                .into_dimensionality()
-                .ok(),
+            3 if v.shape()[2] == 1 => v.index_axis_move(ndarray::Axis(2), 0).into_dimensionality().ok(),
             _ => None,
         }
     }
@@ -327,21 +317,13 @@ pub fn read_image(path: &Path) -> Result<Volume<f32>> {
                 image::DynamicImage::ImageLuma8(_)
                 | image::DynamicImage::ImageLumaA8(_)
                 | image::DynamicImage::ImageRgb8(_)
-                | image::DynamicImage::ImageRgba8(_) => img
-                    .to_luma8()
-                    .into_raw()
-                    .into_iter()
-                    .map(f32::from)
-                    .collect(),
+                | image::DynamicImage::ImageRgba8(_) => img.to_luma8().into_raw().into_iter().map(f32::from).collect(),
                 image::DynamicImage::ImageLuma16(_)
                 | image::DynamicImage::ImageLumaA16(_)
                 | image::DynamicImage::ImageRgb16(_)
-                | image::DynamicImage::ImageRgba16(_) => img
-                    .to_luma16()
-                    .into_raw()
-                    .into_iter()
-                    .map(f32::from)
-                    .collect(),
+                | image::DynamicImage::ImageRgba16(_) => {
+                    img.to_luma16().into_raw().into_iter().map(f32::from).collect()
+                }
                 _ => img.to_luma32f().into_raw(),
             };
             raster_volume(path, data, h, w, &[])
@@ -359,12 +341,7 @@ pub fn read_rgb(path: &Path) -> Result<Volume<f32>> {
         Some(FileKind::Raster) => {
             let img = decode_raster(path)?;
             let (w, h) = (img.width() as usize, img.height() as usize);
-            let data: Vec<f32> = img
-                .to_rgb8()
-                .into_raw()
-                .into_iter()
-                .map(f32::from)
-                .collect();
+            let data: Vec<f32> = img.to_rgb8().into_raw().into_iter().map(f32::from).collect();
             raster_volume(path, data, h, w, &[3])
         }
         _ => Err(DataError::UnsupportedFormat {
@@ -373,13 +350,7 @@ pub fn read_rgb(path: &Path) -> Result<Volume<f32>> {
     }
 }
 
-fn raster_volume(
-    path: &Path,
-    data: Vec<f32>,
-    h: usize,
-    w: usize,
-    extra: &[usize],
-) -> Result<Volume<f32>> {
+fn raster_volume(path: &Path, data: Vec<f32>, h: usize, w: usize, extra: &[usize]) -> Result<Volume<f32>> {
     let mut shape = vec![h, w];
     shape.extend_from_slice(extra);
     let data = ArrayD::from_shape_vec(IxDyn(&shape), data)
@@ -397,9 +368,7 @@ fn decode_raster(path: &Path) -> Result<image::DynamicImage> {
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?;
     // The default limits (512 MiB) protect against absurd declared sizes.
-    reader
-        .decode()
-        .map_err(|e| DataError::image(path, e.to_string()))
+    reader.decode().map_err(|e| DataError::image(path, e.to_string()))
 }
 
 /// Read an integer label map. NIfTI values must be integers in `0..=65535` (float storage is
@@ -435,15 +404,9 @@ pub fn read_labels(path: &Path) -> Result<Volume<u16>> {
         Some(FileKind::Raster) => {
             let grey = read_raster_grey_levels(path)?;
             let max = grey.data.iter().copied().max().unwrap_or(0);
-            let binary_top = if max == 255 || max == 65535 {
-                Some(max)
-            } else {
-                None
-            };
+            let binary_top = if max == 255 || max == 65535 { Some(max) } else { None };
             let data = match binary_top {
-                Some(top) if grey.data.iter().all(|&v| v == 0 || v == top) => {
-                    grey.data.mapv(|v| u16::from(v == top))
-                }
+                Some(top) if grey.data.iter().all(|&v| v == 0 || v == top) => grey.data.mapv(|v| u16::from(v == top)),
                 _ => grey.data,
             };
             Ok(Volume {
@@ -473,11 +436,7 @@ pub fn read_raster_grey_levels(path: &Path) -> Result<Volume<u16>> {
     let raw: Vec<u16> = if sixteen {
         img.to_luma16().into_raw()
     } else {
-        img.to_luma8()
-            .into_raw()
-            .into_iter()
-            .map(u16::from)
-            .collect()
+        img.to_luma8().into_raw().into_iter().map(u16::from).collect()
     };
     let data = ArrayD::from_shape_vec(IxDyn(&[h, w]), raw)
         .map_err(|e| DataError::image(path, format!("decoded size mismatch: {e}")))?;
@@ -495,8 +454,7 @@ pub fn read_nifti_header(path: &Path) -> Result<NiftiGeometry> {
     reader
         .read_exact(&mut head)
         .map_err(|e| DataError::nifti(path, format!("header: {e}")))?;
-    let header =
-        NiftiHeader::from_reader(&head[..]).map_err(|e| DataError::nifti(path, e.to_string()))?;
+    let header = NiftiHeader::from_reader(&head[..]).map_err(|e| DataError::nifti(path, e.to_string()))?;
     Ok(NiftiGeometry { header })
 }
 
@@ -518,25 +476,20 @@ fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read>> {
 
 /// Read a NIfTI-1 single file (`.nii` or `.nii.gz`) into an array of `T`, with its header.
 fn read_nifti<T: nifti::DataElement>(path: &Path) -> Result<Volume<T>> {
-    let file_len = std::fs::metadata(path)
-        .map_err(|e| DataError::io(path, e))?
-        .len();
+    let file_len = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?.len();
     let mut reader = open_maybe_gz(path)?;
     let mut head = vec![0u8; NIFTI_HEADER_BYTES];
     reader
         .read_exact(&mut head[..348])
         .map_err(|e| DataError::nifti(path, format!("truncated or corrupt header: {e}")))?;
-    let header = NiftiHeader::from_reader(&head[..348])
-        .map_err(|e| DataError::nifti(path, e.to_string()))?;
+    let header = NiftiHeader::from_reader(&head[..348]).map_err(|e| DataError::nifti(path, e.to_string()))?;
     if &header.magic != nifti::header::MAGIC_CODE_NIP1 {
         return Err(DataError::nifti(
             path,
             "not a single-file NIfTI-1 (magic is not \"n+1\"; .hdr/.img pairs are not supported)",
         ));
     }
-    let datatype = header
-        .data_type()
-        .map_err(|e| DataError::nifti(path, e.to_string()))?;
+    let datatype = header.data_type().map_err(|e| DataError::nifti(path, e.to_string()))?;
     if matches!(
         datatype,
         NiftiType::Rgb24
@@ -546,28 +499,20 @@ fn read_nifti<T: nifti::DataElement>(path: &Path) -> Result<Volume<T>> {
             | NiftiType::Complex256
             | NiftiType::Float128
     ) {
-        return Err(DataError::nifti(
-            path,
-            format!("unsupported voxel type {datatype:?}"),
-        ));
+        return Err(DataError::nifti(path, format!("unsupported voxel type {datatype:?}")));
     }
     let dims = header
         .dim()
         .map_err(|e| DataError::nifti(path, e.to_string()))?
         .to_vec();
-    let voxels = dims
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+    let voxels = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
     let nbytes = voxels
         .and_then(|v| v.checked_mul(datatype.size_of() as u64))
         .filter(|&b| b <= MAX_VOLUME_BYTES)
         .ok_or_else(|| DataError::nifti(path, format!("absurd dimensions {dims:?}")))?;
     let vox_offset = header.vox_offset;
     if !vox_offset.is_finite() || vox_offset < 0.0 || vox_offset > (1u32 << 30) as f32 {
-        return Err(DataError::nifti(
-            path,
-            format!("bad vox_offset {vox_offset}"),
-        ));
+        return Err(DataError::nifti(path, format!("bad vox_offset {vox_offset}")));
     }
     let vox_offset = (vox_offset as u64).max(NIFTI_HEADER_BYTES as u64);
     let needed = vox_offset + nbytes;
@@ -618,11 +563,7 @@ fn read_nifti<T: nifti::DataElement>(path: &Path) -> Result<Volume<T>> {
         .into_shape_with_order(IxDyn(&shape))
         .map_err(|e| DataError::nifti(path, format!("reshape: {e}")))?;
     let spacing = (0..shape.len())
-        .map(|i| {
-            sanitize_spacing(f32_to_f64_shortest(
-                header.pixdim.get(i + 1).copied().unwrap_or(1.0),
-            ))
-        })
+        .map(|i| sanitize_spacing(f32_to_f64_shortest(header.pixdim.get(i + 1).copied().unwrap_or(1.0))))
         .collect();
     Ok(Volume {
         data: arr,
@@ -633,10 +574,7 @@ fn read_nifti<T: nifti::DataElement>(path: &Path) -> Result<Volume<T>> {
 
 fn is_gz_content(path: &Path) -> bool {
     let mut magic = [0u8; 2];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == [0x1f, 0x8b]
+    File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == [0x1f, 0x8b]
 }
 
 /// Write a label map on the grid of `reference`, atomically.
@@ -648,11 +586,7 @@ fn is_gz_content(path: &Path) -> bool {
 ///   fit, else uint16. Slope/intercept are reset to 1/0 and cal_min/cal_max to 0.
 /// * `.png`/`.bmp`/`.tif`: 2D labels only, written as 8-bit grey (16-bit for labels > 255 in
 ///   PNG/TIFF), label values as grey levels; array axis 0 is image rows.
-pub fn write_labels_like<T>(
-    path: &Path,
-    labels: &ArrayD<u16>,
-    reference: &Volume<T>,
-) -> Result<()> {
+pub fn write_labels_like<T>(path: &Path, labels: &ArrayD<u16>, reference: &Volume<T>) -> Result<()> {
     if labels.shape() != reference.data.shape() {
         return Err(DataError::Shape(format!(
             "labels {:?} vs reference {:?} (for {})",
@@ -701,13 +635,12 @@ pub fn write_float_like<T>(path: &Path, values: &ArrayD<f32>, reference: &Volume
 
 fn reshape_to_stored<A: Clone>(data: &ArrayD<A>, geometry: &NiftiGeometry) -> Result<ArrayD<A>> {
     let stored = geometry.stored_dim();
-    let target: Vec<usize> = if stored.iter().product::<usize>() == data.len()
-        && trim_ones(&stored) == trim_ones(data.shape())
-    {
-        stored
-    } else {
-        data.shape().to_vec()
-    };
+    let target: Vec<usize> =
+        if stored.iter().product::<usize>() == data.len() && trim_ones(&stored) == trim_ones(data.shape()) {
+            stored
+        } else {
+            data.shape().to_vec()
+        };
     data.to_owned()
         .into_shape_with_order(IxDyn(&target))
         .map_err(|e| DataError::Shape(format!("reshape to {target:?}: {e}")))
@@ -720,11 +653,7 @@ fn label_datatype(reference_type: i16, max_label: u16) -> NiftiType {
             NiftiType::Uint8 => 255,
             NiftiType::Int8 => 127,
             NiftiType::Int16 => 32767,
-            NiftiType::Uint16
-            | NiftiType::Int32
-            | NiftiType::Uint32
-            | NiftiType::Int64
-            | NiftiType::Uint64 => 65535,
+            NiftiType::Uint16 | NiftiType::Int32 | NiftiType::Uint32 | NiftiType::Int64 | NiftiType::Uint64 => 65535,
             _ => 0,
         };
         cap >= max_label as u64
@@ -784,8 +713,7 @@ fn write_nifti_atomic(
     let tmp = temp_in_dir(path, if gz { ".nii.gz" } else { ".nii" })?;
     let opts = nifti::writer::WriterOptions::new(tmp.path()).reference_header(&geometry.header);
     write(opts).map_err(|e| DataError::nifti(path, format!("write failed: {e}")))?;
-    tmp.persist(path)
-        .map_err(|e| DataError::io(path, e.error))?;
+    tmp.persist(path).map_err(|e| DataError::io(path, e.error))?;
     Ok(())
 }
 
@@ -828,10 +756,9 @@ fn write_raster_labels(path: &Path, labels: &ArrayD<u16>) -> Result<()> {
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
     let ext = name.rsplit('.').next().unwrap_or("png").to_string();
-    let format =
-        image::ImageFormat::from_extension(&ext).ok_or_else(|| DataError::UnsupportedFormat {
-            path: path.to_path_buf(),
-        })?;
+    let format = image::ImageFormat::from_extension(&ext).ok_or_else(|| DataError::UnsupportedFormat {
+        path: path.to_path_buf(),
+    })?;
     if matches!(format, image::ImageFormat::Jpeg) {
         return Err(DataError::InvalidArgument(format!(
             "{}: JPEG is lossy; labels need PNG, BMP or TIFF",
@@ -851,7 +778,6 @@ fn write_raster_labels(path: &Path, labels: &ArrayD<u16>) -> Result<()> {
             .save_with_format(tmp.path(), format)
     };
     result.map_err(|e| DataError::image(path, format!("write failed: {e}")))?;
-    tmp.persist(path)
-        .map_err(|e| DataError::io(path, e.error))?;
+    tmp.persist(path).map_err(|e| DataError::io(path, e.error))?;
     Ok(())
 }

@@ -18,10 +18,7 @@ pub enum LabelCoding {
     Binary { threshold: u16 },
     /// Fixed grey levels, each one a label (REFUGE, WBC). A grey value further than `tolerance`
     /// from every level is an error, so a wrong dataset definition cannot pass silently.
-    GreyLevels {
-        levels: Vec<(u16, u16)>,
-        tolerance: u16,
-    },
+    GreyLevels { levels: Vec<(u16, u16)>, tolerance: u16 },
 }
 
 /// The labels of a dataset: their names, whether other values are acceptable, their coding.
@@ -39,8 +36,7 @@ pub struct LabelDefinition {
 impl LabelDefinition {
     /// A closed definition from `(value, name)` pairs (background 0 added if missing).
     pub fn new(names: &[(u16, &str)], coding: LabelCoding) -> Self {
-        let mut map: BTreeMap<u16, String> =
-            names.iter().map(|(v, n)| (*v, n.to_string())).collect();
+        let mut map: BTreeMap<u16, String> = names.iter().map(|(v, n)| (*v, n.to_string())).collect();
         map.entry(0).or_insert_with(|| "background".to_string());
         LabelDefinition {
             names: map,
@@ -74,12 +70,7 @@ impl LabelDefinition {
                         .iter()
                         .min_by_key(|(g, _)| (i32::from(*g) - i32::from(v)).unsigned_abs());
                     match best {
-                        Some((g, l))
-                            if (i32::from(*g) - i32::from(v)).unsigned_abs()
-                                <= u32::from(*tolerance) =>
-                        {
-                            *l
-                        }
+                        Some((g, l)) if (i32::from(*g) - i32::from(v)).unsigned_abs() <= u32::from(*tolerance) => *l,
                         _ => {
                             bad.get_or_insert(v);
                             0

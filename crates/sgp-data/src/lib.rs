@@ -61,8 +61,8 @@ pub mod verify;
 pub use dataset::{load, Case, Dataset, DatasetKind, Issue, LabelSource, Modality};
 pub use error::{DataError, Result};
 pub use io::{
-    file_kind, file_stem, read_image, read_labels, read_nifti_header, read_raster_grey_levels,
-    read_rgb, write_atomic, write_float_like, write_labels_like, FileKind, NiftiGeometry, Volume,
+    file_kind, file_stem, read_image, read_labels, read_nifti_header, read_raster_grey_levels, read_rgb, write_atomic,
+    write_float_like, write_labels_like, FileKind, NiftiGeometry, Volume,
 };
 pub use labels::{LabelCoding, LabelDefinition};
 pub use split::{split_by_patient, SplitConfig, Splits};

@@ -35,10 +35,7 @@ impl IntensityMethod {
     /// ultrasound, photographs and anything else use min-max.
     pub fn default_for(modality: &Modality) -> Self {
         match modality {
-            Modality::Ct | Modality::Mr => IntensityMethod::Percentile {
-                low: 0.5,
-                high: 99.5,
-            },
+            Modality::Ct | Modality::Mr => IntensityMethod::Percentile { low: 0.5, high: 99.5 },
             _ => IntensityMethod::MinMax,
         }
     }
@@ -68,10 +65,7 @@ pub fn percentile(values: &[f32], q: f64) -> Option<f32> {
     let b = if hi == lo {
         a
     } else {
-        *v[lo + 1..]
-            .iter()
-            .min_by(|x, y| x.total_cmp(y))
-            .unwrap_or(&a)
+        *v[lo + 1..].iter().min_by(|x, y| x.total_cmp(y)).unwrap_or(&a)
     };
     Some(a + (b - a) * (pos - lo as f64) as f32)
 }
@@ -93,12 +87,7 @@ pub fn normalize_intensity(
         }
     }
     let sample: Vec<f32> = match foreground {
-        Some(m) => data
-            .iter()
-            .zip(m.iter())
-            .filter(|(_, &f)| f)
-            .map(|(&v, _)| v)
-            .collect(),
+        Some(m) => data.iter().zip(m.iter()).filter(|(_, &f)| f).map(|(&v, _)| v).collect(),
         None => data.iter().copied().collect(),
     };
     let (lo, hi) = match method {
@@ -112,9 +101,7 @@ pub fn normalize_intensity(
         }
         IntensityMethod::Percentile { low, high } => {
             if low.is_nan() || high.is_nan() || low >= high {
-                return Err(DataError::InvalidArgument(format!(
-                    "percentiles {low} >= {high}"
-                )));
+                return Err(DataError::InvalidArgument(format!("percentiles {low} >= {high}")));
             }
             match (percentile(&sample, low), percentile(&sample, high)) {
                 (Some(a), Some(b)) => (a, b),
@@ -144,9 +131,10 @@ pub fn normalize_intensity(
 
 /// Number of slices along `axis`.
 pub fn slice_count<T>(data: &ArrayD<T>, axis: usize) -> Result<usize> {
-    data.shape().get(axis).copied().ok_or_else(|| {
-        DataError::InvalidArgument(format!("axis {axis} of a {}-D array", data.ndim()))
-    })
+    data.shape()
+        .get(axis)
+        .copied()
+        .ok_or_else(|| DataError::InvalidArgument(format!("axis {axis} of a {}-D array", data.ndim())))
 }
 
 /// One 2D slice of a 3D array, as an image.
@@ -177,12 +165,7 @@ pub fn slice_2d<T: Clone>(data: &ArrayD<T>, axis: usize, index: usize) -> Result
 }
 
 /// Write a 2D slice (in [`slice_2d`]'s convention) back into a 3D array.
-pub fn set_slice_2d<T: Clone>(
-    data: &mut ArrayD<T>,
-    axis: usize,
-    index: usize,
-    slice: ArrayView2<'_, T>,
-) -> Result<()> {
+pub fn set_slice_2d<T: Clone>(data: &mut ArrayD<T>, axis: usize, index: usize, slice: ArrayView2<'_, T>) -> Result<()> {
     if data.ndim() != 3 {
         return Err(DataError::Shape(format!(
             "set_slice_2d needs a 3-D array, got {:?}",
@@ -289,9 +272,7 @@ impl Reorientation {
         for (w, &s) in self.perm.iter().enumerate() {
             inverse[s] = w;
         }
-        Ok(v.permuted_axes(IxDyn(&inverse))
-            .as_standard_layout()
-            .into_owned())
+        Ok(v.permuted_axes(IxDyn(&inverse)).as_standard_layout().into_owned())
     }
 }
 
@@ -338,12 +319,7 @@ fn linear_weights(n_in: usize, n_out: usize, antialias: bool) -> Vec<(usize, Vec
 
 /// Bilinear resize of a 2D image to `(out_h, out_w)`; see [`to_sam_input`] for the antialias
 /// choice.
-pub fn resize_bilinear(
-    img: ArrayView2<'_, f32>,
-    out_h: usize,
-    out_w: usize,
-    antialias: bool,
-) -> Result<Array2<f32>> {
+pub fn resize_bilinear(img: ArrayView2<'_, f32>, out_h: usize, out_w: usize, antialias: bool) -> Result<Array2<f32>> {
     let (h, w) = img.dim();
     if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
         return Err(DataError::InvalidArgument(format!(
@@ -371,11 +347,7 @@ pub fn resize_bilinear(
 
 /// Nearest-neighbour resize of a label map (torch's legacy `nearest`: `src = floor(dst *
 /// in / out)`), so labels never blend.
-pub fn resize_nearest<T: Copy>(
-    labels: ArrayView2<'_, T>,
-    out_h: usize,
-    out_w: usize,
-) -> Result<Array2<T>> {
+pub fn resize_nearest<T: Copy>(labels: ArrayView2<'_, T>, out_h: usize, out_w: usize) -> Result<Array2<T>> {
     let (h, w) = labels.dim();
     if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
         return Err(DataError::InvalidArgument(format!(
@@ -399,8 +371,7 @@ pub fn to_sam_input(grey01: ArrayView2<'_, f32>, size: usize) -> Result<Array3<f
     let mut out = Array3::<f32>::zeros((3, size, size));
     for ch in 0..3 {
         let (m, s) = (SAM_PIXEL_MEAN[ch], SAM_PIXEL_STD[ch]);
-        out.index_axis_mut(Axis(0), ch)
-            .assign(&resized.mapv(|v| (v - m) / s));
+        out.index_axis_mut(Axis(0), ch).assign(&resized.mapv(|v| (v - m) / s));
     }
     Ok(out)
 }
@@ -418,19 +389,14 @@ pub fn to_sam_input_rgb(rgb01: ArrayView3<'_, f32>, size: usize) -> Result<Array
         let plane = rgb01.index_axis(Axis(2), ch);
         let resized = resize_bilinear(plane, size, size, true)?;
         let (m, s) = (SAM_PIXEL_MEAN[ch], SAM_PIXEL_STD[ch]);
-        out.index_axis_mut(Axis(0), ch)
-            .assign(&resized.mapv(|v| (v - m) / s));
+        out.index_axis_mut(Axis(0), ch).assign(&resized.mapv(|v| (v - m) / s));
     }
     Ok(out)
 }
 
 /// Mask logits (any resolution, e.g. SAM2's 256x256 low-res masks) back to the original image
 /// size, bilinear without antialias (SAM2's `postprocess_masks`).
-pub fn logits_to_original(
-    logits: ArrayView2<'_, f32>,
-    orig_h: usize,
-    orig_w: usize,
-) -> Result<Array2<f32>> {
+pub fn logits_to_original(logits: ArrayView2<'_, f32>, orig_h: usize, orig_w: usize) -> Result<Array2<f32>> {
     resize_bilinear(logits, orig_h, orig_w, false)
 }
 
@@ -439,8 +405,6 @@ pub fn as_3d<T>(data: &ArrayD<T>) -> Result<ArrayViewD<'_, T>> {
     match data.ndim() {
         3 => Ok(data.view()),
         2 => Ok(data.view().insert_axis(Axis(2))),
-        n => Err(DataError::Shape(format!(
-            "expected a 2-D or 3-D array, got {n}-D"
-        ))),
+        n => Err(DataError::Shape(format!("expected a 2-D or 3-D array, got {n}-D"))),
     }
 }

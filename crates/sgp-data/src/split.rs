@@ -81,9 +81,7 @@ impl SplitMix64 {
 /// requested than exist.
 pub fn split_by_patient(cases: &[Case], config: &SplitConfig) -> Result<Splits> {
     if cases.is_empty() {
-        return Err(DataError::InvalidArgument(
-            "cannot split an empty dataset".into(),
-        ));
+        return Err(DataError::InvalidArgument("cannot split an empty dataset".into()));
     }
     for (name, f) in [("val", config.val_fraction), ("test", config.test_fraction)] {
         if !(0.0..1.0).contains(&f) {

@@ -51,16 +51,10 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     pub fn errors(&self) -> usize {
-        self.findings
-            .iter()
-            .filter(|f| f.severity == Severity::Error)
-            .count()
+        self.findings.iter().filter(|f| f.severity == Severity::Error).count()
     }
     pub fn warnings(&self) -> usize {
-        self.findings
-            .iter()
-            .filter(|f| f.severity == Severity::Warning)
-            .count()
+        self.findings.iter().filter(|f| f.severity == Severity::Warning).count()
     }
     /// Usable: at least one labelled case and no errors.
     pub fn is_usable(&self) -> bool {
@@ -72,18 +66,10 @@ impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "dataset {} at {}", self.kind, self.root)?;
         writeln!(f, "  cases: {} ({} labelled)", self.cases, self.labelled)?;
-        let m: Vec<String> = self
-            .modalities
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
-            .collect();
+        let m: Vec<String> = self.modalities.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         writeln!(f, "  modalities: {}", m.join(", "))?;
         for (v, n) in &self.label_cases {
-            let name = self
-                .label_names
-                .get(v)
-                .cloned()
-                .unwrap_or_else(|| "?".into());
+            let name = self.label_names.get(v).cloned().unwrap_or_else(|| "?".into());
             writeln!(f, "  label {v} ({name}): present in {n} case(s)")?;
         }
         if let (Some(a), Some(b)) = (self.shapes.first(), self.shapes.last()) {
@@ -116,12 +102,7 @@ fn geometry_mismatch(a: &NiftiGeometry, b: &NiftiGeometry) -> Option<String> {
         return Some(format!("pixdim {pa:?} vs {pb:?}"));
     }
     let (aa, ab) = (a.affine(), b.affine());
-    if !aa
-        .iter()
-        .flatten()
-        .zip(ab.iter().flatten())
-        .all(|(x, y)| close(*x, *y))
-    {
+    if !aa.iter().flatten().zip(ab.iter().flatten()).all(|(x, y)| close(*x, *y)) {
         return Some(format!("affine {aa:?} vs {ab:?}"));
     }
     None
@@ -187,10 +168,7 @@ fn check_case(case: &Case, ds: &Dataset) -> CaseResult {
                 }
                 let mut present = vec![false; 65536];
                 labels.data.iter().for_each(|&v| present[v as usize] = true);
-                out.labels_present = (0..65536usize)
-                    .filter(|&v| present[v])
-                    .map(|v| v as u16)
-                    .collect();
+                out.labels_present = (0..65536usize).filter(|&v| present[v]).map(|v| v as u16).collect();
                 if out.labels_present.iter().all(|&v| v == 0) {
                     findings.push(Finding {
                         severity: Severity::Warning,
@@ -213,8 +191,7 @@ fn check_case(case: &Case, ds: &Dataset) -> CaseResult {
 /// Open every case of `ds` (in parallel) and report problems. `on_case` is called once per
 /// case checked (progress bars).
 pub fn verify(ds: &Dataset, on_case: &(dyn Fn(&Case) + Sync)) -> VerifyReport {
-    let _span =
-        tracing::info_span!("verify", kind = ds.kind.name(), cases = ds.cases.len()).entered();
+    let _span = tracing::info_span!("verify", kind = ds.kind.name(), cases = ds.cases.len()).entered();
     let results: Vec<CaseResult> = ds
         .cases
         .par_iter()
@@ -245,10 +222,7 @@ pub fn verify(ds: &Dataset, on_case: &(dyn Fn(&Case) + Sync)) -> VerifyReport {
     }
     let mut shapes: Vec<Vec<usize>> = Vec::new();
     for (case, r) in ds.cases.iter().zip(results) {
-        *report
-            .modalities
-            .entry(case.modality.to_string())
-            .or_default() += 1;
+        *report.modalities.entry(case.modality.to_string()).or_default() += 1;
         for v in r.labels_present {
             *report.label_cases.entry(v).or_default() += 1;
         }

@@ -52,12 +52,8 @@ proptest! {
 fn valid_nifti_bytes() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("v.nii");
-    let data = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[4, 3, 2]), |ix| {
-        (ix[0] + ix[1] + ix[2]) as i16
-    });
-    nifti::writer::WriterOptions::new(&p)
-        .write_nifti(&data)
-        .unwrap();
+    let data = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[4, 3, 2]), |ix| (ix[0] + ix[1] + ix[2]) as i16);
+    nifti::writer::WriterOptions::new(&p).write_nifti(&data).unwrap();
     std::fs::read(&p).unwrap()
 }
 

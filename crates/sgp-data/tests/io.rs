@@ -6,8 +6,7 @@ use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
 use sgp_data::{
-    read_image, read_labels, read_nifti_header, write_float_like, write_labels_like, DataError,
-    NiftiGeometry, Volume,
+    read_image, read_labels, read_nifti_header, write_float_like, write_labels_like, DataError, NiftiGeometry, Volume,
 };
 
 /// A header with an oblique-ish sform, a different qform, int16 data and mm units.
@@ -82,10 +81,7 @@ fn label_round_trip_keeps_geometry_and_datatype() {
     write_labels_like(&out, &labels, &image).unwrap();
     let back = read_labels(&out).unwrap();
     assert_eq!(back.data, labels);
-    let (g0, g1) = (
-        image.geometry.as_ref().unwrap(),
-        back.geometry.as_ref().unwrap(),
-    );
+    let (g0, g1) = (image.geometry.as_ref().unwrap(), back.geometry.as_ref().unwrap());
     assert_eq!(g0.affine(), g1.affine());
     assert_eq!(g0.sform(), g1.sform());
     assert_eq!(g0.qform(), g1.qform());
@@ -100,11 +96,7 @@ fn label_round_trip_keeps_geometry_and_datatype() {
     assert_eq!(back.spacing, image.spacing);
     // The qform is the 180 degree rotation about y, with qfac -1 flipping z.
     let q = g0.qform().unwrap();
-    assert!(
-        (q[0][0] + 0.7).abs() < 1e-6
-            && (q[1][1] - 0.8).abs() < 1e-6
-            && (q[2][2] - 2.5).abs() < 1e-6
-    );
+    assert!((q[0][0] + 0.7).abs() < 1e-6 && (q[1][1] - 0.8).abs() < 1e-6 && (q[2][2] - 2.5).abs() < 1e-6);
     assert_eq!([q[0][3], q[1][3], q[2][3]], [1.5, 2.5, -3.5]);
 
     // A second round trip from the written labels keeps everything too, and uint8 stays uint8.
@@ -134,28 +126,20 @@ fn float_reference_gives_uint8_labels_and_float_writer_keeps_grid() {
     write_float_like(&pout, &probs, &image).unwrap();
     let p = read_image(&pout).unwrap();
     assert_eq!(p.data, probs);
-    assert!(p
-        .geometry
-        .unwrap()
-        .same_grid(image.geometry.as_ref().unwrap(), 0.0));
+    assert!(p.geometry.unwrap().same_grid(image.geometry.as_ref().unwrap(), 0.0));
 }
 
 #[test]
 fn trailing_singleton_axes_are_dropped_and_restored() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("four_d.nii");
-    let data = ramp(&[3, 2, 2])
-        .into_shape_with_order(IxDyn(&[3, 2, 2, 1]))
-        .unwrap();
+    let data = ramp(&[3, 2, 2]).into_shape_with_order(IxDyn(&[3, 2, 2, 1])).unwrap();
     write_i16(&src, &data, &test_header());
     let image = read_image(&src).unwrap();
     assert_eq!(image.shape(), &[3, 2, 2]);
     let out = dir.path().join("lab.nii");
     write_labels_like(&out, &image.data.mapv(|v| (v > 5.0) as u16), &image).unwrap();
-    assert_eq!(
-        read_nifti_header(&out).unwrap().stored_dim(),
-        vec![3, 2, 2, 1]
-    );
+    assert_eq!(read_nifti_header(&out).unwrap().stored_dim(), vec![3, 2, 2, 1]);
 }
 
 #[test]
@@ -213,10 +197,7 @@ fn bad_inputs_give_errors() {
     let dir = tempfile::tempdir().unwrap();
     // Missing file.
     let missing = dir.path().join("nope.nii.gz");
-    assert!(matches!(
-        read_image(&missing),
-        Err(DataError::NotFound { .. })
-    ));
+    assert!(matches!(read_image(&missing), Err(DataError::NotFound { .. })));
     // Truncated .nii.gz: cut a valid file in half.
     let good = dir.path().join("good.nii.gz");
     write_i16(&good, &ramp(&[20, 20, 20]), &test_header());
@@ -231,31 +212,16 @@ fn bad_inputs_give_errors() {
     let bytes = std::fs::read(&good).unwrap();
     let cut = dir.path().join("cut.nii");
     std::fs::write(&cut, &bytes[..400]).unwrap();
-    assert!(read_image(&cut)
-        .unwrap_err()
-        .to_string()
-        .contains("truncated"));
+    assert!(read_image(&cut).unwrap_err().to_string().contains("truncated"));
     // Non-integer labels in NIfTI.
     let frac = dir.path().join("frac.nii");
     let f = ArrayD::from_elem(IxDyn(&[2, 2, 2]), 0.5f32);
-    nifti::writer::WriterOptions::new(&frac)
-        .write_nifti(&f)
-        .unwrap();
-    assert!(matches!(
-        read_labels(&frac),
-        Err(DataError::InvalidLabels { .. })
-    ));
+    nifti::writer::WriterOptions::new(&frac).write_nifti(&f).unwrap();
+    assert!(matches!(read_labels(&frac), Err(DataError::InvalidLabels { .. })));
     // Negative labels.
     let neg = dir.path().join("neg.nii");
-    write_i16(
-        &neg,
-        &ArrayD::from_elem(IxDyn(&[2, 2, 2]), -1i16),
-        &test_header(),
-    );
-    assert!(matches!(
-        read_labels(&neg),
-        Err(DataError::InvalidLabels { .. })
-    ));
+    write_i16(&neg, &ArrayD::from_elem(IxDyn(&[2, 2, 2]), -1i16), &test_header());
+    assert!(matches!(read_labels(&neg), Err(DataError::InvalidLabels { .. })));
     // Wrong-size labels for writing.
     let vol = Volume {
         data: ArrayD::<f32>::zeros(IxDyn(&[2, 2])),
@@ -283,8 +249,7 @@ fn bad_inputs_give_errors() {
 
 #[test]
 fn demo_scan_written_by_nibabel_round_trips_header_fields() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../datasets/demo/imagesTr/breast1_0000.nii.gz");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/demo/imagesTr/breast1_0000.nii.gz");
     let image = read_image(&src).unwrap();
     let labels = image.data.mapv(|v| u16::from(v > 100.0));
     let dir = tempfile::tempdir().unwrap();
@@ -296,10 +261,7 @@ fn demo_scan_written_by_nibabel_round_trips_header_fields() {
         &image.geometry.as_ref().unwrap().header,
         &back.geometry.as_ref().unwrap().header,
     );
-    assert_eq!(
-        (a.srow_x, a.srow_y, a.srow_z),
-        (b.srow_x, b.srow_y, b.srow_z)
-    );
+    assert_eq!((a.srow_x, a.srow_y, a.srow_z), (b.srow_x, b.srow_y, b.srow_z));
     assert_eq!(
         (a.quatern_b, a.quatern_c, a.quatern_d),
         (b.quatern_b, b.quatern_c, b.quatern_d)
@@ -314,8 +276,5 @@ fn demo_scan_written_by_nibabel_round_trips_header_fields() {
     );
     assert_eq!(a.pixdim, b.pixdim);
     assert_eq!(a.dim, b.dim);
-    assert_eq!(
-        b.datatype, 4,
-        "int16 reference holds the labels, so the type is kept"
-    );
+    assert_eq!(b.datatype, 4, "int16 reference holds the labels, so the type is kept");
 }

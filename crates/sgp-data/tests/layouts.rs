@@ -69,15 +69,8 @@ fn acdc_patient(base: &Path, n: u32, ed: u32, es: u32) {
     )
     .unwrap();
     for f in [ed, es] {
-        nii_image(
-            &dir.join(format!("patient{n:03}_frame{f:02}.nii.gz")),
-            &[6, 5, 3],
-        );
-        nii_labels(
-            &dir.join(format!("patient{n:03}_frame{f:02}_gt.nii.gz")),
-            &[6, 5, 3],
-            3,
-        );
+        nii_image(&dir.join(format!("patient{n:03}_frame{f:02}.nii.gz")), &[6, 5, 3]);
+        nii_labels(&dir.join(format!("patient{n:03}_frame{f:02}_gt.nii.gz")), &[6, 5, 3], 3);
     }
     nii_image(&dir.join(format!("patient{n:03}_4d.nii.gz")), &[6, 5, 3, 2]);
 }
@@ -103,10 +96,7 @@ fn acdc_from_database_training_or_patient_parent() {
                 "patient101_ES"
             ]
         );
-        assert_eq!(
-            ds.cases[3].images[0].file_name().unwrap(),
-            "patient002_frame09.nii.gz"
-        );
+        assert_eq!(ds.cases[3].images[0].file_name().unwrap(), "patient002_frame09.nii.gz");
         assert_eq!(ds.cases[0].patient, "patient001");
         assert_eq!(ds.cases[0].modality, Modality::Mr);
         assert_eq!(ds.labels.name(2), "MYO");
@@ -122,14 +112,8 @@ fn acdc_from_database_training_or_patient_parent() {
     fs::write(db.join("training/patient001/Info.cfg"), "ED: one\n").unwrap();
     let ds = load(DatasetKind::Acdc, &db).unwrap();
     let errs = errors_of(&ds);
-    assert!(
-        errs.iter().any(|e| e.contains("ES ground truth missing")),
-        "{errs:?}"
-    );
-    assert!(
-        errs.iter().any(|e| e.contains("no integer ED frame")),
-        "{errs:?}"
-    );
+    assert!(errs.iter().any(|e| e.contains("ES ground truth missing")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.contains("no integer ED frame")), "{errs:?}");
 }
 
 #[test]
@@ -140,10 +124,7 @@ fn camus_nifti_release() {
         let dir = base.join(format!("patient{p:04}"));
         for view in ["2CH", "4CH"] {
             for phase in ["ED", "ES"] {
-                nii_image(
-                    &dir.join(format!("patient{p:04}_{view}_{phase}.nii.gz")),
-                    &[8, 10],
-                );
+                nii_image(&dir.join(format!("patient{p:04}_{view}_{phase}.nii.gz")), &[8, 10]);
                 nii_labels(
                     &dir.join(format!("patient{p:04}_{view}_{phase}_gt.nii.gz")),
                     &[8, 10],
@@ -168,11 +149,13 @@ fn camus_nifti_release() {
         assert!(errors_of(&ds).is_empty(), "{:?}", errors_of(&ds));
     }
     // A ground truth with a label value outside 0..=3.
-    nii_u8(
-        &base.join("patient0002/patient0002_4CH_ES_gt.nii.gz"),
-        &[8, 10],
-        |ix| if ix[0] == 0 { 7 } else { 1 },
-    );
+    nii_u8(&base.join("patient0002/patient0002_4CH_ES_gt.nii.gz"), &[8, 10], |ix| {
+        if ix[0] == 0 {
+            7
+        } else {
+            1
+        }
+    });
     let errs = errors_of(&load(DatasetKind::Camus, &base).unwrap());
     assert!(
         errs.iter()
@@ -191,9 +174,7 @@ fn camus_nifti_release() {
 fn busi_merges_extra_masks_and_accepts_parent_folder() {
     let t = tempfile::tempdir().unwrap();
     let base = t.path().join("Dataset_BUSI_with_GT");
-    png_grey(&base.join("benign/benign (1).png"), 12, 10, |x, _| {
-        x as u8 * 10
-    });
+    png_grey(&base.join("benign/benign (1).png"), 12, 10, |x, _| x as u8 * 10);
     png_grey(&base.join("benign/benign (1)_mask.png"), 12, 10, |x, y| {
         if x < 3 && y < 3 {
             255
@@ -201,12 +182,13 @@ fn busi_merges_extra_masks_and_accepts_parent_folder() {
             0
         }
     });
-    png_grey(
-        &base.join("benign/benign (1)_mask_1.png"),
-        12,
-        10,
-        |x, y| if x > 8 && y > 6 { 255 } else { 0 },
-    );
+    png_grey(&base.join("benign/benign (1)_mask_1.png"), 12, 10, |x, y| {
+        if x > 8 && y > 6 {
+            255
+        } else {
+            0
+        }
+    });
     png_grey(&base.join("benign/benign (10).png"), 12, 10, |_, _| 50);
     png_grey(&base.join("benign/benign (10)_mask.png"), 12, 10, |x, _| {
         if x == 5 {
@@ -215,24 +197,20 @@ fn busi_merges_extra_masks_and_accepts_parent_folder() {
             0
         }
     });
-    png_grey(&base.join("malignant/malignant (2).png"), 12, 10, |_, y| {
-        y as u8
+    png_grey(&base.join("malignant/malignant (2).png"), 12, 10, |_, y| y as u8);
+    png_grey(&base.join("malignant/malignant (2)_mask.png"), 12, 10, |x, y| {
+        if x == y {
+            255
+        } else {
+            0
+        }
     });
-    png_grey(
-        &base.join("malignant/malignant (2)_mask.png"),
-        12,
-        10,
-        |x, y| if x == y { 255 } else { 0 },
-    );
     png_grey(&base.join("normal/normal (1).png"), 12, 10, |_, _| 9);
     png_grey(&base.join("normal/normal (1)_mask.png"), 12, 10, |_, _| 0);
     for root in [t.path().to_path_buf(), base.clone()] {
         let ds = load(DatasetKind::Busi, &root).unwrap();
         let ids: Vec<&str> = ds.cases.iter().map(|c| c.id.as_str()).collect();
-        assert_eq!(
-            ids,
-            ["benign (1)", "benign (10)", "malignant (2)", "normal (1)"]
-        );
+        assert_eq!(ids, ["benign (1)", "benign (10)", "malignant (2)", "normal (1)"]);
         let first = &ds.cases[0];
         assert_eq!(first.labels.len(), 2);
         let l = first.read_labels(&ds.labels).unwrap();
@@ -244,12 +222,7 @@ fn busi_merges_extra_masks_and_accepts_parent_folder() {
         assert_eq!(report.warnings(), 1, "{report}"); // the normal image's empty mask
     }
     // A mask of the wrong size is an error; an image without a mask is a missing pair.
-    png_grey(
-        &base.join("malignant/malignant (2)_mask.png"),
-        11,
-        10,
-        |_, _| 255,
-    );
+    png_grey(&base.join("malignant/malignant (2)_mask.png"), 11, 10, |_, _| 255);
     png_grey(&base.join("malignant/malignant (3).png"), 12, 10, |_, _| 1);
     let errs = errors_of(&load(DatasetKind::Busi, &base).unwrap());
     assert!(
@@ -311,8 +284,7 @@ fn refuge_grey_levels_map_to_rim_and_cup() {
     );
     let errs = errors_of(&load(DatasetKind::Refuge, r).unwrap());
     assert!(
-        errs.iter()
-            .any(|e| e.contains("V0001") && e.contains("grey level 64")),
+        errs.iter().any(|e| e.contains("V0001") && e.contains("grey level 64")),
         "{errs:?}"
     );
 }
@@ -344,10 +316,7 @@ fn wbc_two_subsets() {
     assert!(errors_of(&ds).is_empty());
     // One subset folder as the root works too.
     assert_eq!(
-        load(DatasetKind::Wbc, &t.path().join("Dataset 2"))
-            .unwrap()
-            .cases
-            .len(),
+        load(DatasetKind::Wbc, &t.path().join("Dataset 2")).unwrap().cases.len(),
         1
     );
     // An image without its mask.
@@ -368,14 +337,8 @@ fn nnunet_raw_with_two_channels() {
     )
     .unwrap();
     for case in ["toy_001", "toy_002"] {
-        nii_image(
-            &base.join(format!("imagesTr/{case}_0000.nii.gz")),
-            &[5, 4, 3],
-        );
-        nii_image(
-            &base.join(format!("imagesTr/{case}_0001.nii.gz")),
-            &[5, 4, 3],
-        );
+        nii_image(&base.join(format!("imagesTr/{case}_0000.nii.gz")), &[5, 4, 3]);
+        nii_image(&base.join(format!("imagesTr/{case}_0001.nii.gz")), &[5, 4, 3]);
         nii_labels(&base.join(format!("labelsTr/{case}.nii.gz")), &[5, 4, 3], 2);
     }
     nii_image(&base.join("imagesTs/toy_101_0000.nii.gz"), &[5, 4, 3]);
@@ -419,10 +382,7 @@ fn nnunet_raw_with_two_channels() {
     );
     // Unparsable dataset.json.
     fs::write(base.join("dataset.json"), "{not json").unwrap();
-    assert!(matches!(
-        load(DatasetKind::Nnunet, &base),
-        Err(DataError::Parse { .. })
-    ));
+    assert!(matches!(load(DatasetKind::Nnunet, &base), Err(DataError::Parse { .. })));
 }
 
 #[test]
@@ -439,12 +399,13 @@ fn biomedparse_targets_become_classes() {
                 6,
                 |x, _| if x < 2 { 255 } else { 0 },
             );
-            png_grey(
-                &r.join(format!("{split}_mask/{stem}_myocardium.png")),
-                8,
-                6,
-                |x, _| if x == 7 { 255 } else { 0 },
-            );
+            png_grey(&r.join(format!("{split}_mask/{stem}_myocardium.png")), 8, 6, |x, _| {
+                if x == 7 {
+                    255
+                } else {
+                    0
+                }
+            });
         }
     }
     fs::write(r.join("train.json"), "[]").unwrap();
@@ -459,10 +420,7 @@ fn biomedparse_targets_become_classes() {
     // A mask that belongs to no image.
     png_grey(&r.join("train_mask/stranger_lesion.png"), 8, 6, |_, _| 0);
     let errs = errors_of(&load(DatasetKind::Biomedparse, &r).unwrap());
-    assert!(
-        errs.iter().any(|e| e.contains("stranger_lesion")),
-        "{errs:?}"
-    );
+    assert!(errs.iter().any(|e| e.contains("stranger_lesion")), "{errs:?}");
 }
 
 #[test]
@@ -470,13 +428,7 @@ fn generic_folder_pairs_by_stem_and_suffix() {
     let t = tempfile::tempdir().unwrap();
     let r = t.path();
     png_grey(&r.join("images/a.png"), 6, 4, |x, _| x as u8);
-    png_grey(&r.join("masks/a_mask.png"), 6, 4, |x, _| {
-        if x > 2 {
-            255
-        } else {
-            0
-        }
-    });
+    png_grey(&r.join("masks/a_mask.png"), 6, 4, |x, _| if x > 2 { 255 } else { 0 });
     nii_image(&r.join("images/b.nii.gz"), &[4, 4, 2]);
     nii_labels(&r.join("masks/b.nii.gz"), &[4, 4, 2], 2);
     let ds = load(DatasetKind::Folder, r).unwrap();
@@ -538,11 +490,7 @@ fn bundled_demo_is_valid() {
             .map(|v| v.as_f64().unwrap())
             .collect();
         assert!(
-            image
-                .spacing
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| (a - b).abs() < 1e-5),
+            image.spacing.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5),
             "{:?} vs {want:?}",
             image.spacing
         );

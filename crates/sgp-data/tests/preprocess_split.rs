@@ -14,10 +14,7 @@ fn ramp_3x4() -> Array2<f32> {
 }
 
 fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
 }
 
 #[test]
@@ -72,15 +69,7 @@ fn intensity_methods() {
     // Percentiles of a foreground only: the outlier outside it is clipped.
     let data = ArrayD::from_shape_vec(IxDyn(&[5]), vec![0.0f32, 10.0, 20.0, 30.0, 1e6]).unwrap();
     let fg = data.mapv(|v| v > 5.0 && v < 1e5);
-    let p = normalize_intensity(
-        &data,
-        IntensityMethod::Percentile {
-            low: 0.0,
-            high: 100.0,
-        },
-        Some(&fg),
-    )
-    .unwrap();
+    let p = normalize_intensity(&data, IntensityMethod::Percentile { low: 0.0, high: 100.0 }, Some(&fg)).unwrap();
     assert_eq!(p.as_slice().unwrap(), &[0.0, 0.0, 0.5, 1.0, 1.0]);
     // Constant and non-finite inputs do not divide by zero.
     let flat = ArrayD::from_elem(IxDyn(&[4]), 7.0f32);
@@ -95,19 +84,8 @@ fn intensity_methods() {
             .iter()
             .all(|v| v.is_finite())
     );
-    assert!(normalize_intensity(
-        &flat,
-        IntensityMethod::Window {
-            level: 0.0,
-            width: 0.0
-        },
-        None
-    )
-    .is_err());
-    assert_eq!(
-        IntensityMethod::default_for(&Modality::Us),
-        IntensityMethod::MinMax
-    );
+    assert!(normalize_intensity(&flat, IntensityMethod::Window { level: 0.0, width: 0.0 }, None).is_err());
+    assert_eq!(IntensityMethod::default_for(&Modality::Us), IntensityMethod::MinMax);
 }
 
 #[test]
@@ -129,9 +107,7 @@ fn sam_input_is_imagenet_normalised() {
 
 #[test]
 fn slices_follow_the_documented_convention_and_round_trip() {
-    let data = ArrayD::from_shape_fn(IxDyn(&[4, 3, 2]), |ix| {
-        (ix[0] * 100 + ix[1] * 10 + ix[2]) as u16
-    });
+    let data = ArrayD::from_shape_fn(IxDyn(&[4, 3, 2]), |ix| (ix[0] * 100 + ix[1] * 10 + ix[2]) as u16);
     let s = slice_2d(&data, 2, 1).unwrap();
     assert_eq!(s.dim(), (3, 4)); // rows = y, cols = x
     assert_eq!(s[[2, 3]], data[[3, 2, 1]]);
@@ -163,9 +139,7 @@ fn reorientation_to_ras_and_back() {
     let r = Reorientation::from_affine(&affine);
     assert_eq!(r.perm, [1, 0, 2]);
     assert_eq!(r.flip, [false, true, true]);
-    let data = ArrayD::from_shape_fn(IxDyn(&[4, 3, 2]), |ix| {
-        (ix[0] * 100 + ix[1] * 10 + ix[2]) as i32
-    });
+    let data = ArrayD::from_shape_fn(IxDyn(&[4, 3, 2]), |ix| (ix[0] * 100 + ix[1] * 10 + ix[2]) as i32);
     let c = r.to_canonical(&data).unwrap();
     assert_eq!(c.shape(), &[3, 4, 2]);
     // Canonical (R, A, S) = stored (i1, 3 - i0, 1 - i2).

@@ -43,10 +43,8 @@ fn synthetic_pair(shape: [usize; 3], n_labels: u16, seed: u64) -> (Array3<u16>, 
     let mut gt = Array3::<u16>::zeros(shape);
     let mut pred = Array3::<u16>::zeros(shape);
     for label in 1..=n_labels {
-        let radii: [f64; 3] =
-            std::array::from_fn(|k| shape[k] as f64 * rng.random_range(0.04..0.14));
-        let centre: [f64; 3] =
-            std::array::from_fn(|k| shape[k] as f64 * rng.random_range(0.2..0.8));
+        let radii: [f64; 3] = std::array::from_fn(|k| shape[k] as f64 * rng.random_range(0.04..0.14));
+        let centre: [f64; 3] = std::array::from_fn(|k| shape[k] as f64 * rng.random_range(0.2..0.8));
         ellipsoid(&mut gt, centre, radii, label);
         // The "prediction": a slightly moved and resized organ.
         let c2: [f64; 3] = std::array::from_fn(|k| centre[k] + rng.random_range(-2.0..2.0));
@@ -58,21 +56,12 @@ fn synthetic_pair(shape: [usize; 3], n_labels: u16, seed: u64) -> (Array3<u16>, 
 
 fn bench_metrics(c: &mut Criterion) {
     let full = std::env::var("SGP_EVAL_BENCH_FULL").is_ok_and(|v| v == "1");
-    let shape = if full {
-        [512, 512, 300]
-    } else {
-        [192, 192, 96]
-    };
+    let shape = if full { [512, 512, 300] } else { [192, 192, 96] };
     let (gt, pred) = synthetic_pair(shape, 15, 42);
     let labels: Vec<u16> = (1..=15).collect();
     let spacing = [0.78, 0.78, 1.5];
-    let options = MetricOptions {
-        nsd_tolerance_mm: 2.0,
-    };
-    let name = format!(
-        "dice_iou_hd95_nsd_{}x{}x{}_15_labels",
-        shape[0], shape[1], shape[2]
-    );
+    let options = MetricOptions { nsd_tolerance_mm: 2.0 };
+    let name = format!("dice_iou_hd95_nsd_{}x{}x{}_15_labels", shape[0], shape[1], shape[2]);
     let mut group = c.benchmark_group("metrics");
     group
         .sample_size(10)
@@ -94,12 +83,7 @@ fn bench_metrics(c: &mut Criterion) {
     let mut big_gt = Array3::<u16>::zeros(shape);
     let mut big_pred = Array3::<u16>::zeros(shape);
     let centre: [f64; 3] = std::array::from_fn(|k| shape[k] as f64 / 2.0);
-    ellipsoid(
-        &mut big_gt,
-        centre,
-        std::array::from_fn(|k| shape[k] as f64 * 0.48),
-        1,
-    );
+    ellipsoid(&mut big_gt, centre, std::array::from_fn(|k| shape[k] as f64 * 0.48), 1);
     ellipsoid(
         &mut big_pred,
         [centre[0] + 3.0, centre[1] - 2.0, centre[2] + 1.0],

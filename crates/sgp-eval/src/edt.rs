@@ -19,11 +19,7 @@ pub(crate) fn squared_edt(sites: &[bool], shape: &[usize], spacing: &[f64], dist
     debug_assert_eq!(sites.len(), shape.iter().product::<usize>());
     debug_assert_eq!(shape.len(), spacing.len());
     dist.clear();
-    dist.par_extend(
-        sites
-            .par_iter()
-            .map(|&s| if s { 0.0 } else { f64::INFINITY }),
-    );
+    dist.par_extend(sites.par_iter().map(|&s| if s { 0.0 } else { f64::INFINITY }));
     if dist.is_empty() {
         return;
     }
@@ -57,14 +53,13 @@ pub(crate) fn squared_edt(sites: &[bool], shape: &[usize], spacing: &[f64], dist
             } else {
                 n_blocks
             };
-            dist.par_chunks_mut(blocks_per_task * block_len)
-                .for_each(|chunk| {
-                    let mut scratch = Scratch::new(n);
-                    for block in chunk.chunks_mut(block_len) {
-                        let mut rows: Vec<&mut [f64]> = block.chunks_mut(inner).collect();
-                        transform_columns(&mut rows, weight, &mut scratch);
-                    }
-                });
+            dist.par_chunks_mut(blocks_per_task * block_len).for_each(|chunk| {
+                let mut scratch = Scratch::new(n);
+                for block in chunk.chunks_mut(block_len) {
+                    let mut rows: Vec<&mut [f64]> = block.chunks_mut(inner).collect();
+                    transform_columns(&mut rows, weight, &mut scratch);
+                }
+            });
         } else {
             // Few large blocks (the first axis): split every block's columns between tasks.
             let n_parts = (4 * threads).min(inner.div_ceil(TILE)).max(1);
@@ -174,8 +169,7 @@ impl Scratch {
                 let p = v[k];
                 // Where the parabola of q starts to undercut the one of p; the integer part
                 // (q² - p²) is exact in f64.
-                let s = ((fq - f[p]) + weight * ((q * q) as f64 - (p * p) as f64))
-                    / (2.0 * weight * (q - p) as f64);
+                let s = ((fq - f[p]) + weight * ((q * q) as f64 - (p * p) as f64)) / (2.0 * weight * (q - p) as f64);
                 if s <= z[k] {
                     // z[0] is -inf, so k never goes below 0 here.
                     k -= 1;
@@ -218,8 +212,7 @@ mod tests {
             }
             c
         };
-        let site_coords: Vec<Vec<usize>> =
-            (0..sites.len()).filter(|&i| sites[i]).map(coords).collect();
+        let site_coords: Vec<Vec<usize>> = (0..sites.len()).filter(|&i| sites[i]).map(coords).collect();
         (0..sites.len())
             .map(|i| {
                 let c = coords(i);
@@ -236,9 +229,7 @@ mod tests {
     }
 
     fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (*seed >> 11) as f64 / (1u64 << 53) as f64
     }
 
@@ -287,24 +278,14 @@ mod tests {
         sites[idx([66, 5, 17])] = true;
         let mut dist = Vec::new();
         squared_edt(&sites, &shape, &spacing, &mut dist);
-        for c in [
-            [0usize, 0, 0],
-            [35, 35, 10],
-            [69, 69, 19],
-            [3, 60, 2],
-            [10, 50, 5],
-        ] {
+        for c in [[0usize, 0, 0], [35, 35, 10], [69, 69, 19], [3, 60, 2], [10, 50, 5]] {
             let d = |s: [usize; 3]| {
                 (0..3)
                     .map(|k| ((c[k] as f64 - s[k] as f64) * spacing[k]).powi(2))
                     .sum::<f64>()
             };
             let want = d([3, 60, 2]).min(d([66, 5, 17]));
-            assert!(
-                (dist[idx(c)] - want).abs() < 1e-9,
-                "{c:?}: {} vs {want}",
-                dist[idx(c)]
-            );
+            assert!((dist[idx(c)] - want).abs() < 1e-9, "{c:?}: {} vs {want}", dist[idx(c)]);
         }
     }
 }

@@ -108,9 +108,7 @@ pub fn evaluate_folder(
     options: &FolderOptions,
     progress: Option<&ProgressBar>,
 ) -> Result<FolderOutcome> {
-    let _span =
-        tracing::info_span!("evaluate_folder", pred = %pred_dir.display(), gt = %gt_dir.display())
-            .entered();
+    let _span = tracing::info_span!("evaluate_folder", pred = %pred_dir.display(), gt = %gt_dir.display()).entered();
     if let Some(labels) = &options.labels {
         if labels.is_empty() {
             return Err(EvalError::InvalidArgument("the label list is empty".into()));
@@ -119,16 +117,8 @@ pub fn evaluate_folder(
     let preds = list_cases(pred_dir)?;
     let gts = list_cases(gt_dir)?;
     let unmatched = Unmatched {
-        pred_only: preds
-            .keys()
-            .filter(|c| !gts.contains_key(*c))
-            .cloned()
-            .collect(),
-        gt_only: gts
-            .keys()
-            .filter(|c| !preds.contains_key(*c))
-            .cloned()
-            .collect(),
+        pred_only: preds.keys().filter(|c| !gts.contains_key(*c)).cloned().collect(),
+        gt_only: gts.keys().filter(|c| !preds.contains_key(*c)).cloned().collect(),
     };
     for c in &unmatched.pred_only {
         tracing::warn!(case = %c, "prediction without ground truth: not evaluated");
@@ -173,9 +163,7 @@ pub fn evaluate_folder(
     let results: Vec<(CaseMetrics, Vec<u16>, Option<PathBuf>)> = pairs
         .par_iter()
         .map(|&(case, pred_path, gt_path)| {
-            let image = images
-                .get(case)
-                .or_else(|| images.get(&format!("{case}_0000")));
+            let image = images.get(case).or_else(|| images.get(&format!("{case}_0000")));
             let r = evaluate_case(
                 case,
                 pred_path,
@@ -234,11 +222,7 @@ pub fn evaluate_folder(
     write("summary.json", report.to_json()?.as_bytes())?;
     write("summary.md", report.to_markdown().as_bytes())?;
     if options.bar_chart {
-        let bars: Vec<(String, Option<f64>)> = report
-            .cases
-            .iter()
-            .map(|c| (c.case.clone(), c.mean_dice()))
-            .collect();
+        let bars: Vec<(String, Option<f64>)> = report.cases.iter().map(|c| (c.case.clone(), c.mean_dice())).collect();
         write(
             "dice_per_case.png",
             &png_bytes(&render_dice_bar_chart(&bars), "dice_per_case.png")?,
@@ -308,13 +292,7 @@ fn evaluate_case(
             l.into_iter().collect()
         }
     };
-    let metrics = evaluate_labels(
-        pred_data.view(),
-        gt_data.view(),
-        &spacing,
-        &labels,
-        &options.metrics,
-    )?;
+    let metrics = evaluate_labels(pred_data.view(), gt_data.view(), &spacing, &labels, &options.metrics)?;
 
     let mut overlay_path = None;
     if options.overlays {
@@ -389,10 +367,7 @@ mod tests {
 
     #[test]
     fn case_names_strip_image_extensions() {
-        assert_eq!(
-            case_name(Path::new("/a/case_01.nii.gz")).as_deref(),
-            Some("case_01")
-        );
+        assert_eq!(case_name(Path::new("/a/case_01.nii.gz")).as_deref(), Some("case_01"));
         assert_eq!(case_name(Path::new("x.v2.nii")).as_deref(), Some("x.v2"));
         assert_eq!(case_name(Path::new("img.PNG")).as_deref(), Some("img"));
         assert_eq!(case_name(Path::new("dataset.json")), None);

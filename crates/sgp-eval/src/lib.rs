@@ -19,10 +19,6 @@ pub mod report;
 
 pub use error::{EvalError, Result};
 pub use folder::{evaluate_folder, FolderOptions, FolderOutcome};
-pub use metrics::{
-    evaluate_labels, evaluate_masks, percentile_linear, present_labels, LabelMetrics, MetricOptions,
-};
-pub use overlay::{
-    render_dice_bar_chart, render_overlay, Orientation, OverlayOptions, SliceChoice,
-};
+pub use metrics::{evaluate_labels, evaluate_masks, percentile_linear, present_labels, LabelMetrics, MetricOptions};
+pub use overlay::{render_dice_bar_chart, render_overlay, Orientation, OverlayOptions, SliceChoice};
 pub use report::{CaseMetrics, ClassSummary, Report, Stat, Unmatched};

@@ -63,9 +63,7 @@ pub struct MetricOptions {
 impl Default for MetricOptions {
     /// τ = 1 mm: a common choice for organ segmentation; set it per task.
     fn default() -> Self {
-        MetricOptions {
-            nsd_tolerance_mm: 1.0,
-        }
+        MetricOptions { nsd_tolerance_mm: 1.0 }
     }
 }
 
@@ -122,24 +120,15 @@ pub fn evaluate_labels(
     options: &MetricOptions,
 ) -> Result<Vec<LabelMetrics>> {
     validate(pred.shape(), gt.shape(), spacing, options)?;
-    if let Some(dup) = labels
-        .iter()
-        .enumerate()
-        .find(|(i, l)| labels[..*i].contains(l))
-    {
-        return Err(EvalError::InvalidArgument(format!(
-            "label {} is listed twice",
-            dup.1
-        )));
+    if let Some(dup) = labels.iter().enumerate().find(|(i, l)| labels[..*i].contains(l)) {
+        return Err(EvalError::InvalidArgument(format!("label {} is listed twice", dup.1)));
     }
     if labels.contains(&0) {
         return Err(EvalError::InvalidArgument(
             "label 0 is background and is not evaluated".into(),
         ));
     }
-    let _span =
-        tracing::debug_span!("evaluate_labels", shape = ?gt.shape(), n_labels = labels.len())
-            .entered();
+    let _span = tracing::debug_span!("evaluate_labels", shape = ?gt.shape(), n_labels = labels.len()).entered();
     let grid = Grid::new(pred, gt, spacing)?;
     let mut slot_of = vec![NO_SLOT; labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0)];
     for (slot, &l) in labels.iter().enumerate() {
@@ -170,9 +159,7 @@ pub fn evaluate_masks(
 
 fn validate(pred: &[usize], gt: &[usize], spacing: &[f64], options: &MetricOptions) -> Result<()> {
     if pred != gt {
-        return Err(EvalError::Shape(format!(
-            "prediction {pred:?} vs ground truth {gt:?}"
-        )));
+        return Err(EvalError::Shape(format!("prediction {pred:?} vs ground truth {gt:?}")));
     }
     if gt.is_empty() {
         return Err(EvalError::Shape("label maps need at least one axis".into()));
@@ -249,12 +236,7 @@ impl<'a> Grid<'a> {
             .reduce(|| ScanStats::new(n_slots, self.ndim()), ScanStats::merge)
     }
 
-    fn scan_rows(
-        &self,
-        rows: std::ops::Range<usize>,
-        slot_of: &[u32],
-        n_slots: usize,
-    ) -> ScanStats {
+    fn scan_rows(&self, rows: std::ops::Range<usize>, slot_of: &[u32], n_slots: usize) -> ScanStats {
         let nd = self.ndim();
         let row_len = self.shape[nd - 1];
         let mut stats = ScanStats::new(n_slots, nd);
@@ -315,13 +297,7 @@ impl<'a> Grid<'a> {
         stats
     }
 
-    fn label_metrics(
-        &self,
-        label: u16,
-        slot: usize,
-        stats: &ScanStats,
-        tolerance: f64,
-    ) -> LabelMetrics {
+    fn label_metrics(&self, label: u16, slot: usize, stats: &ScanStats, tolerance: f64) -> LabelMetrics {
         let n_gt = stats.gt_voxels[slot];
         let n_pred = stats.pred_voxels[slot];
         let overlap = stats.overlap_voxels[slot];
@@ -342,20 +318,14 @@ impl<'a> Grid<'a> {
         let _span = tracing::trace_span!("surface_distances", label).entered();
         let (lo, hi) = stats.bbox(slot);
         let (pred_mask, gt_mask, crop_shape) = self.crop_masks(label, lo, hi);
-        let (hd95, nsd) =
-            surface_metrics(&pred_mask, &gt_mask, &crop_shape, &self.spacing, tolerance);
+        let (hd95, nsd) = surface_metrics(&pred_mask, &gt_mask, &crop_shape, &self.spacing, tolerance);
         m.hd95 = Some(hd95);
         m.nsd = Some(nsd);
         m
     }
 
     /// The two binary masks of `label` inside the box `lo..=hi`.
-    fn crop_masks(
-        &self,
-        label: u16,
-        lo: &[usize],
-        hi: &[usize],
-    ) -> (Vec<bool>, Vec<bool>, Vec<usize>) {
+    fn crop_masks(&self, label: u16, lo: &[usize], hi: &[usize]) -> (Vec<bool>, Vec<bool>, Vec<usize>) {
         let nd = self.ndim();
         let crop_shape: Vec<usize> = lo.iter().zip(hi).map(|(l, h)| h + 1 - l).collect();
         let n: usize = crop_shape.iter().product();
@@ -365,15 +335,8 @@ impl<'a> Grid<'a> {
         let mut gt_mask = Vec::with_capacity(n);
         let mut coords = vec![0usize; nd - 1];
         for _ in 0..n / row_len {
-            let start: usize = (0..nd - 1)
-                .map(|k| (lo[k] + coords[k]) * strides[k])
-                .sum::<usize>()
-                + lo[nd - 1];
-            pred_mask.extend(
-                self.pred[start..start + row_len]
-                    .iter()
-                    .map(|&v| v == label),
-            );
+            let start: usize = (0..nd - 1).map(|k| (lo[k] + coords[k]) * strides[k]).sum::<usize>() + lo[nd - 1];
+            pred_mask.extend(self.pred[start..start + row_len].iter().map(|&v| v == label));
             gt_mask.extend(self.gt[start..start + row_len].iter().map(|&v| v == label));
             for k in (0..nd - 1).rev() {
                 coords[k] += 1;
@@ -458,14 +421,8 @@ impl ScanStats {
         add(&mut self.gt_voxels, &other.gt_voxels);
         add(&mut self.pred_voxels, &other.pred_voxels);
         add(&mut self.overlap_voxels, &other.overlap_voxels);
-        self.lo
-            .iter_mut()
-            .zip(&other.lo)
-            .for_each(|(x, y)| *x = (*x).min(*y));
-        self.hi
-            .iter_mut()
-            .zip(&other.hi)
-            .for_each(|(x, y)| *x = (*x).max(*y));
+        self.lo.iter_mut().zip(&other.lo).for_each(|(x, y)| *x = (*x).min(*y));
+        self.hi.iter_mut().zip(&other.hi).for_each(|(x, y)| *x = (*x).max(*y));
         self
     }
 }
@@ -481,13 +438,7 @@ pub(crate) fn surface_indices(mask: &[bool], shape: &[usize]) -> Vec<usize> {
     let rows_per_task = (1usize << 16).div_ceil(row_len).max(1);
     let parts: Vec<Vec<usize>> = (0..n_rows.div_ceil(rows_per_task))
         .into_par_iter()
-        .map(|t| {
-            surface_rows(
-                mask,
-                shape,
-                t * rows_per_task..((t + 1) * rows_per_task).min(n_rows),
-            )
-        })
+        .map(|t| surface_rows(mask, shape, t * rows_per_task..((t + 1) * rows_per_task).min(n_rows)))
         .collect();
     parts.concat()
 }
@@ -533,13 +484,7 @@ fn surface_rows(mask: &[bool], shape: &[usize], rows: std::ops::Range<usize>) ->
 }
 
 /// HD95 and NSD between two non-empty masks on one grid.
-fn surface_metrics(
-    pred: &[bool],
-    gt: &[bool],
-    shape: &[usize],
-    spacing: &[f64],
-    tolerance: f64,
-) -> (f64, f64) {
+fn surface_metrics(pred: &[bool], gt: &[bool], shape: &[usize], spacing: &[f64], tolerance: f64) -> (f64, f64) {
     let pred_surface = surface_indices(pred, shape);
     let gt_surface = surface_indices(gt, shape);
     let mut sites = vec![false; pred.len()];
@@ -555,11 +500,7 @@ fn surface_metrics(
     let mut pred_to_gt = distances_to(&gt_surface, &pred_surface, &mut sites);
     let mut gt_to_pred = distances_to(&pred_surface, &gt_surface, &mut sites);
     let limit = tolerance * (1.0 + NSD_TIE_SLACK);
-    let within = pred_to_gt
-        .iter()
-        .chain(&gt_to_pred)
-        .filter(|&&d| d <= limit)
-        .count();
+    let within = pred_to_gt.iter().chain(&gt_to_pred).filter(|&&d| d <= limit).count();
     let nsd = within as f64 / (pred_to_gt.len() + gt_to_pred.len()) as f64;
     let hd = percentile_linear(&mut pred_to_gt, HD_PERCENTILE)
         .unwrap_or(f64::NAN)
@@ -584,11 +525,7 @@ pub fn percentile_linear(values: &mut [f64], q: f64) -> Option<f64> {
     }
     // numpy's `_lerp`: interpolate from the nearer end for accuracy.
     let diff = b - a;
-    Some(if t >= 0.5 {
-        b - diff * (1.0 - t)
-    } else {
-        a + diff * t
-    })
+    Some(if t >= 0.5 { b - diff * (1.0 - t) } else { a + diff * t })
 }
 
 #[cfg(test)]
@@ -631,9 +568,7 @@ mod tests {
                 gt.view().into_dyn(),
                 &[1.0, 0.5],
                 &[1],
-                &MetricOptions {
-                    nsd_tolerance_mm: tol,
-                },
+                &MetricOptions { nsd_tolerance_mm: tol },
             )
             .unwrap()[0]
         };
@@ -650,9 +585,7 @@ mod tests {
             gt.view().into_dyn(),
             &[0.3, 0.4],
             &[1],
-            &MetricOptions {
-                nsd_tolerance_mm: 0.5,
-            },
+            &MetricOptions { nsd_tolerance_mm: 0.5 },
         )
         .unwrap();
         assert_eq!(m[0].nsd, Some(1.0));
@@ -667,17 +600,8 @@ mod tests {
         pred.slice_mut(ndarray::s![2..7, 2..6, 0..4]).fill(1);
         pred.slice_mut(ndarray::s![5..9, 1..3, 0..1]).fill(2);
         let spacing = [0.7, 1.3, 2.9];
-        let opts = MetricOptions {
-            nsd_tolerance_mm: 1.5,
-        };
-        let c = evaluate_labels(
-            pred.view().into_dyn(),
-            gt.view().into_dyn(),
-            &spacing,
-            &[1, 2],
-            &opts,
-        )
-        .unwrap();
+        let opts = MetricOptions { nsd_tolerance_mm: 1.5 };
+        let c = evaluate_labels(pred.view().into_dyn(), gt.view().into_dyn(), &spacing, &[1, 2], &opts).unwrap();
         let to_f = |a: &Array3<u16>| {
             let mut f = Array3::<u16>::zeros(a.dim().f());
             f.assign(a);
@@ -685,14 +609,7 @@ mod tests {
         };
         let (gf, pf) = (to_f(&gt), to_f(&pred));
         assert!(!gf.is_standard_layout());
-        let f = evaluate_labels(
-            pf.view().into_dyn(),
-            gf.view().into_dyn(),
-            &spacing,
-            &[1, 2],
-            &opts,
-        )
-        .unwrap();
+        let f = evaluate_labels(pf.view().into_dyn(), gf.view().into_dyn(), &spacing, &[1, 2], &opts).unwrap();
         // A strided (non-contiguous) view is copied to C order.
         let big_g = ndarray::concatenate![ndarray::Axis(2), gt, gt];
         let big_p = ndarray::concatenate![ndarray::Axis(2), pred, pred];
@@ -751,9 +668,7 @@ mod tests {
         assert!(evaluate_labels(a.view(), a.view(), &[1.0, f64::NAN], &[1], &o).is_err());
         assert!(evaluate_labels(a.view(), a.view(), &[1.0, 1.0], &[0], &o).is_err());
         assert!(evaluate_labels(a.view(), a.view(), &[1.0, 1.0], &[2, 2], &o).is_err());
-        let bad_tol = MetricOptions {
-            nsd_tolerance_mm: -1.0,
-        };
+        let bad_tol = MetricOptions { nsd_tolerance_mm: -1.0 };
         assert!(evaluate_labels(a.view(), a.view(), &[1.0, 1.0], &[1], &bad_tol).is_err());
         let empty = ArrayD::<u16>::zeros(vec![0, 3]);
         let m = evaluate_labels(empty.view(), empty.view(), &[1.0, 1.0], &[1], &o).unwrap();

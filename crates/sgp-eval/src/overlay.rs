@@ -99,14 +99,10 @@ pub fn render_overlay(
     }
     match gt.ndim() {
         2 => {
-            let plane =
-                |a: ArrayViewD<'_, u16>| display_plane(a.into_dimensionality().ok(), orientation);
+            let plane = |a: ArrayViewD<'_, u16>| display_plane(a.into_dimensionality().ok(), orientation);
             let (g, p) = (plane(gt.view())?, plane(pred.view())?);
             let im = match &image {
-                Some(i) => Some(display_plane(
-                    i.view().into_dimensionality().ok(),
-                    orientation,
-                )?),
+                Some(i) => Some(display_plane(i.view().into_dimensionality().ok(), orientation)?),
                 None => None,
             };
             let scale = scale_for(g.dim(), options.min_size);
@@ -122,14 +118,8 @@ pub fn render_overlay(
             let depth = gt.shape()[2];
             let slices = choose_slices(&gt, &pred, options.slice)?;
             let tile = |z: usize| -> Result<RgbImage> {
-                let g = display_plane(
-                    gt.index_axis(Axis(2), z).into_dimensionality().ok(),
-                    orientation,
-                )?;
-                let p = display_plane(
-                    pred.index_axis(Axis(2), z).into_dimensionality().ok(),
-                    orientation,
-                )?;
+                let g = display_plane(gt.index_axis(Axis(2), z).into_dimensionality().ok(), orientation)?;
+                let p = display_plane(pred.index_axis(Axis(2), z).into_dimensionality().ok(), orientation)?;
                 let im = match &image {
                     Some(i) => Some(display_plane(
                         i.index_axis(Axis(2), z).into_dimensionality().ok(),
@@ -137,10 +127,7 @@ pub fn render_overlay(
                     )?),
                     None => None,
                 };
-                let scale = scale_for(
-                    g.dim(),
-                    options.min_size / if slices.len() > 1 { 2 } else { 1 },
-                );
+                let scale = scale_for(g.dim(), options.min_size / if slices.len() > 1 { 2 } else { 1 });
                 Ok(render_plane(
                     g.view(),
                     p.view(),
@@ -149,23 +136,15 @@ pub fn render_overlay(
                     Some(format!("z={z}/{depth}")),
                 ))
             };
-            let tiles = slices
-                .iter()
-                .map(|&z| tile(z))
-                .collect::<Result<Vec<_>>>()?;
+            let tiles = slices.iter().map(|&z| tile(z)).collect::<Result<Vec<_>>>()?;
             Ok(montage(&tiles))
         }
-        n => Err(EvalError::Shape(format!(
-            "overlays need 2D or 3D arrays, got {n} axes"
-        ))),
+        n => Err(EvalError::Shape(format!("overlays need 2D or 3D arrays, got {n} axes"))),
     }
 }
 
 /// The 2D array as displayed (rows, cols).
-fn display_plane<T: Copy>(
-    plane: Option<ArrayView2<'_, T>>,
-    orientation: Orientation,
-) -> Result<Array2<T>> {
+fn display_plane<T: Copy>(plane: Option<ArrayView2<'_, T>>, orientation: Orientation) -> Result<Array2<T>> {
     let plane = plane.ok_or_else(|| EvalError::Shape("expected a 2D slice".into()))?;
     Ok(match orientation {
         Orientation::RowCol => plane.to_owned(),
@@ -179,11 +158,7 @@ fn display_plane<T: Copy>(
 }
 
 /// Slice indices along the last axis for a 3D pair.
-fn choose_slices(
-    gt: &ArrayViewD<'_, u16>,
-    pred: &ArrayViewD<'_, u16>,
-    choice: SliceChoice,
-) -> Result<Vec<usize>> {
+fn choose_slices(gt: &ArrayViewD<'_, u16>, pred: &ArrayViewD<'_, u16>, choice: SliceChoice) -> Result<Vec<usize>> {
     let depth = gt.shape()[2];
     let count = |a: &ArrayViewD<'_, u16>| -> Vec<usize> {
         a.axis_iter(Axis(2))
@@ -209,24 +184,17 @@ fn choose_slices(
             let best = counts
                 .iter()
                 .enumerate()
-                .fold(
-                    (depth / 2, 0usize),
-                    |acc, (z, &c)| if c > acc.1 { (z, c) } else { acc },
-                );
+                .fold((depth / 2, 0usize), |acc, (z, &c)| if c > acc.1 { (z, c) } else { acc });
             vec![best.0]
         }
         SliceChoice::Montage(max_tiles) => {
-            let with_fg: Vec<usize> = (0..depth)
-                .filter(|&z| gt_counts[z] + pred_counts[z] > 0)
-                .collect();
+            let with_fg: Vec<usize> = (0..depth).filter(|&z| gt_counts[z] + pred_counts[z] > 0).collect();
             let k = max_tiles.max(1).min(with_fg.len());
             if k == 0 {
                 vec![depth / 2]
             } else {
                 // Evenly spread, centred in each of k equal parts.
-                (0..k)
-                    .map(|i| with_fg[(2 * i + 1) * with_fg.len() / (2 * k)])
-                    .collect()
+                (0..k).map(|i| with_fg[(2 * i + 1) * with_fg.len() / (2 * k)]).collect()
             }
         }
     })
@@ -283,10 +251,8 @@ fn render_plane(
         }
     }
     let mut x = 2;
-    x = crate::font::draw_text(&mut out, x, 2, "GT", GT_COLOUR, None, legend_scale)
-        + 6 * legend_scale;
-    x = crate::font::draw_text(&mut out, x, 2, "pred", PRED_COLOUR, None, legend_scale)
-        + 6 * legend_scale;
+    x = crate::font::draw_text(&mut out, x, 2, "GT", GT_COLOUR, None, legend_scale) + 6 * legend_scale;
+    x = crate::font::draw_text(&mut out, x, 2, "pred", PRED_COLOUR, None, legend_scale) + 6 * legend_scale;
     if let Some(c) = caption {
         crate::font::draw_text(&mut out, x, 2, &c, Rgb([255, 255, 0]), None, legend_scale);
     }
@@ -296,13 +262,7 @@ fn render_plane(
 /// Whether enlarged pixel (y, x) lies on a boundary of `labels`: a non-zero label with a
 /// different label (or the picture's edge) within `thickness` enlarged pixels along a row or
 /// column.
-fn on_contour(
-    labels: ArrayView2<'_, u16>,
-    y: usize,
-    x: usize,
-    scale: usize,
-    thickness: usize,
-) -> bool {
+fn on_contour(labels: ArrayView2<'_, u16>, y: usize, x: usize, scale: usize, thickness: usize) -> bool {
     let (rows, cols) = labels.dim();
     let v = labels[[y / scale, x / scale]];
     if v == 0 {
@@ -378,10 +338,7 @@ fn montage(tiles: &[RgbImage]) -> RgbImage {
         Rgb([40, 40, 40]),
     );
     for (i, t) in tiles.iter().enumerate() {
-        let (cx, cy) = (
-            (i as u32 % cols) * (tw + gap),
-            (i as u32 / cols) * (th + gap),
-        );
+        let (cx, cy) = ((i as u32 % cols) * (tw + gap), (i as u32 / cols) * (th + gap));
         for (x, y, p) in t.enumerate_pixels() {
             out.put_pixel(cx + x, cy + y, *p);
         }
@@ -397,12 +354,7 @@ pub fn render_dice_bar_chart(cases: &[(String, Option<f64>)]) -> RgbImage {
     let n = cases.len().max(1) as u32;
     let bar = (720 / n).clamp(8, 48);
     let (left, right, top, plot_h) = (56u32, 16u32, 28u32, 300u32);
-    let name_chars = cases
-        .iter()
-        .map(|(c, _)| c.chars().count())
-        .max()
-        .unwrap_or(0)
-        .min(24) as u32;
+    let name_chars = cases.iter().map(|(c, _)| c.chars().count()).max().unwrap_or(0).min(24) as u32;
     let bottom = 12 + name_chars * GLYPH;
     let width = left + n * bar + right;
     let height = top + plot_h + bottom;
@@ -500,14 +452,7 @@ mod tests {
             slice: SliceChoice::Index(1),
             min_size: 10,
         };
-        let img = render_overlay(
-            g,
-            pred.view().into_dyn(),
-            None,
-            Orientation::NiftiXyz,
-            &opts,
-        )
-        .unwrap();
+        let img = render_overlay(g, pred.view().into_dyn(), None, Orientation::NiftiXyz, &opts).unwrap();
         // x is the column, y goes up: voxel (x=2, y=7) sits at column 2, row 10-1-7 = 2.
         let top = legend_height(12);
         assert_eq!((img.width(), img.height()), (12, 10 + top));
@@ -547,11 +492,7 @@ mod tests {
 
     #[test]
     fn bar_chart_bar_heights_follow_dice() {
-        let img = render_dice_bar_chart(&[
-            ("a".into(), Some(1.0)),
-            ("b".into(), Some(0.5)),
-            ("c".into(), None),
-        ]);
+        let img = render_dice_bar_chart(&[("a".into(), Some(1.0)), ("b".into(), Some(0.5)), ("c".into(), None)]);
         let bar = (720 / 3u32).clamp(8, 48);
         let bar_top = |i: u32| {
             let x = 56 + i * bar + bar / 2;

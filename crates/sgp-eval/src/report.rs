@@ -16,8 +16,7 @@ use crate::error::{EvalError, Result};
 use crate::metrics::{LabelMetrics, HD_PERCENTILE};
 
 /// What the `std` fields mean, written into `summary.json`.
-pub const STD_DEFINITION: &str =
-    "population standard deviation (ddof = 0) over the cases where the value is defined";
+pub const STD_DEFINITION: &str = "population standard deviation (ddof = 0) over the cases where the value is defined";
 
 /// The metrics of every evaluated label of one case.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,12 +111,7 @@ pub struct Report {
 impl Report {
     /// Aggregate per-case metrics. Every case should hold a row for each of `labels`; a missing
     /// row is treated as a label absent from both masks.
-    pub fn new(
-        cases: Vec<CaseMetrics>,
-        labels: &[u16],
-        nsd_tolerance_mm: f64,
-        unmatched: Unmatched,
-    ) -> Report {
+    pub fn new(cases: Vec<CaseMetrics>, labels: &[u16], nsd_tolerance_mm: f64, unmatched: Unmatched) -> Report {
         let per_class: Vec<ClassSummary> = labels
             .iter()
             .map(|&label| {
@@ -176,10 +170,7 @@ impl Report {
     pub fn to_markdown(&self) -> String {
         let mut md = String::new();
         let tol = fmt_tolerance(self.nsd_tolerance_mm);
-        let _ = writeln!(
-            md,
-            "| label | cases | Dice | IoU | HD95 (mm) | NSD@{tol}mm |"
-        );
+        let _ = writeln!(md, "| label | cases | Dice | IoU | HD95 (mm) | NSD@{tol}mm |");
         let _ = writeln!(md, "|---:|---:|---|---|---|---|");
         for c in &self.per_class {
             let _ = writeln!(
@@ -275,9 +266,7 @@ fn fmt_stat(s: &Stat, decimals: usize, n_cases: usize) -> String {
 }
 
 fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
-    let (sum, n) = values
-        .into_iter()
-        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    let (sum, n) = values.into_iter().fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
     (n > 0).then(|| sum / n as f64)
 }
 
@@ -384,17 +373,11 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
-            1
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 1);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-                0o644
-            );
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644);
         }
     }
 }

@@ -41,21 +41,14 @@ fn decode(rle: &[(u16, usize)], shape: &[usize]) -> ArrayD<u16> {
 }
 
 fn load() -> Fixtures {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/metric_cases.json"
-    );
-    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture file"))
-        .expect("fixture JSON")
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/metric_cases.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture file")).expect("fixture JSON")
 }
 
 fn check(case: &str, what: &str, got: Option<f64>, want: Option<f64>, tol: f64) {
     match (got, want) {
         (None, None) => {}
-        (Some(g), Some(w)) => assert!(
-            (g - w).abs() <= tol,
-            "{case} {what}: ours {g}, reference {w}"
-        ),
+        (Some(g), Some(w)) => assert!((g - w).abs() <= tol, "{case} {what}: ours {g}, reference {w}"),
         _ => panic!("{case} {what}: ours {got:?}, reference {want:?}"),
     }
 }
@@ -78,9 +71,7 @@ fn fixtures_cover_what_the_issue_asks() {
     assert!(f.cases.iter().any(|c| c.shape.len() == 2));
     assert!(f.cases.iter().any(|c| c.shape.len() == 3));
     assert!(
-        f.cases
-            .iter()
-            .any(|c| c.spacing.windows(2).any(|w| w[0] != w[1])),
+        f.cases.iter().any(|c| c.spacing.windows(2).any(|w| w[0] != w[1])),
         "anisotropic spacing"
     );
     assert!(f
@@ -101,9 +92,8 @@ fn fixtures_cover_what_the_issue_asks() {
     // Some ground-truth mask touches the array border.
     let touches_border = f.cases.iter().any(|c| {
         let gt = decode(&c.gt_rle, &c.shape);
-        gt.indexed_iter().any(|(idx, &v)| {
-            v != 0 && (0..c.shape.len()).any(|k| idx[k] == 0 || idx[k] + 1 == c.shape[k])
-        })
+        gt.indexed_iter()
+            .any(|(idx, &v)| v != 0 && (0..c.shape.len()).any(|k| idx[k] == 0 || idx[k] + 1 == c.shape[k]))
     });
     assert!(touches_border);
 }
@@ -116,14 +106,7 @@ fn metrics_agree_with_reference_values() {
         let options = MetricOptions {
             nsd_tolerance_mm: case.nsd_tolerance,
         };
-        let got = evaluate_labels(
-            pred.view(),
-            gt.view(),
-            &case.spacing,
-            &case.labels,
-            &options,
-        )
-        .unwrap();
+        let got = evaluate_labels(pred.view(), gt.view(), &case.spacing, &case.labels, &options).unwrap();
         compare(&case, &got, "C order");
     }
 }
@@ -144,14 +127,7 @@ fn metrics_agree_with_reference_values_in_fortran_order() {
         let options = MetricOptions {
             nsd_tolerance_mm: case.nsd_tolerance,
         };
-        let got = evaluate_labels(
-            pred.view(),
-            gt.view(),
-            &case.spacing,
-            &case.labels,
-            &options,
-        )
-        .unwrap();
+        let got = evaluate_labels(pred.view(), gt.view(), &case.spacing, &case.labels, &options).unwrap();
         compare(&case, &got, "Fortran order");
     }
 }

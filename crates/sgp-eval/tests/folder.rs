@@ -25,8 +25,7 @@ fn volume_pair(shift: usize, with_label_2: bool) -> (ArrayD<u16>, ArrayD<u16>) {
     gt.slice_mut(s![4..14, 5..15, 2..7]).fill(1);
     gt.slice_mut(s![16..22, 2..8, 0..4]).fill(2);
     let mut pred = Array3::<u16>::zeros((24, 20, 9));
-    pred.slice_mut(s![4 + shift..14 + shift, 5..15, 2..8])
-        .fill(1);
+    pred.slice_mut(s![4 + shift..14 + shift, 5..15, 2..8]).fill(1);
     if with_label_2 {
         pred.slice_mut(s![16..23, 2..8, 0..3]).fill(2);
     }
@@ -62,19 +61,13 @@ fn nifti_folder_with_images_and_unmatched_files() {
     write_labels(&gt_dir.join("case_b.nii"), gt_b.clone(), &reference);
     write_labels(&pred_dir.join("case_b.nii.gz"), pred_b.clone(), &reference);
     write_labels(&gt_dir.join("only_gt.nii.gz"), gt_a.clone(), &reference);
-    write_labels(
-        &pred_dir.join("only_pred.nii.gz"),
-        pred_a.clone(),
-        &reference,
-    );
+    write_labels(&pred_dir.join("only_pred.nii.gz"), pred_a.clone(), &reference);
     std::fs::write(gt_dir.join("dataset.json"), "{}").unwrap();
     let image = gt_a.mapv(|v| v as f32 * 100.0 + 7.0);
     write_float_like(&img_dir.join("case_a_0000.nii.gz"), &image, &reference).unwrap();
 
     let options = FolderOptions {
-        metrics: MetricOptions {
-            nsd_tolerance_mm: 1.5,
-        },
+        metrics: MetricOptions { nsd_tolerance_mm: 1.5 },
         bar_chart: true,
         ..Default::default()
     };
@@ -85,23 +78,15 @@ fn nifti_folder_with_images_and_unmatched_files() {
     assert_eq!(report.unmatched.pred_only, vec!["only_pred".to_string()]);
     assert_eq!(report.unmatched.gt_only, vec!["only_gt".to_string()]);
     assert_eq!(
-        report
-            .cases
-            .iter()
-            .map(|c| c.case.as_str())
-            .collect::<Vec<_>>(),
+        report.cases.iter().map(|c| c.case.as_str()).collect::<Vec<_>>(),
         ["case_a", "case_b"]
     );
 
     // The CSV holds exactly what the metric core computes on the same arrays and spacing.
     let read_spacing = read_labels(&gt_dir.join("case_a.nii.gz")).unwrap().spacing;
-    let opts = MetricOptions {
-        nsd_tolerance_mm: 1.5,
-    };
-    let want_a =
-        evaluate_labels(pred_a.view(), gt_a.view(), &read_spacing, &[1, 2], &opts).unwrap();
-    let want_b =
-        evaluate_labels(pred_b.view(), gt_b.view(), &read_spacing, &[1, 2], &opts).unwrap();
+    let opts = MetricOptions { nsd_tolerance_mm: 1.5 };
+    let want_a = evaluate_labels(pred_a.view(), gt_a.view(), &read_spacing, &[1, 2], &opts).unwrap();
+    let want_b = evaluate_labels(pred_b.view(), gt_b.view(), &read_spacing, &[1, 2], &opts).unwrap();
     let rows = read_csv(&out.join("metrics.csv"));
     assert_eq!(rows[0], ["case", "label", "dice", "iou", "hd95", "nsd"]);
     assert_eq!(rows.len(), 5);
@@ -128,14 +113,9 @@ fn nifti_folder_with_images_and_unmatched_files() {
     // Label 2 missing from case_b's prediction: Dice 0, HD95 empty, NSD 0.
     assert_eq!(&rows[4][2..], ["0", "0", "", "0"]);
     // The prediction reaches one slice further along z: HD95 is that slice, 2.5 mm.
-    assert!(
-        (want_a[0].hd95.unwrap() - 2.5).abs() < 1e-5,
-        "{:?}",
-        want_a[0]
-    );
+    assert!((want_a[0].hd95.unwrap() - 2.5).abs() < 1e-5, "{:?}", want_a[0]);
 
-    let summary: Report =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: Report = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(&summary, report);
     assert_eq!(summary.per_class[1].hd95.n, 1);
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
@@ -143,18 +123,11 @@ fn nifti_folder_with_images_and_unmatched_files() {
         md.starts_with("| label | cases | Dice | IoU | HD95 (mm) | NSD@1.5mm |"),
         "{md}"
     );
-    for f in [
-        "overlays/case_a.png",
-        "overlays/case_b.png",
-        "dice_per_case.png",
-    ] {
+    for f in ["overlays/case_a.png", "overlays/case_b.png", "dice_per_case.png"] {
         let img = image::open(out.join(f)).unwrap();
         assert!(img.width() >= 20 && img.height() >= 24, "{f}");
     }
-    assert!(outcome
-        .written
-        .iter()
-        .all(|p| p.starts_with(&out) && p.exists()));
+    assert!(outcome.written.iter().all(|p| p.starts_with(&out) && p.exists()));
     // No temporary files are left behind.
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 5);
 }
@@ -182,11 +155,7 @@ fn png_folder_with_explicit_labels_and_image() {
     pred.slice_mut(s![17..28, 22..39]).fill(2);
     pred.slice_mut(s![1..3, 30..33]).fill(3);
     write_labels(&gt_dir.join("img1.png"), gt.clone().into_dyn(), &reference);
-    write_labels(
-        &pred_dir.join("img1.png"),
-        pred.clone().into_dyn(),
-        &reference,
-    );
+    write_labels(&pred_dir.join("img1.png"), pred.clone().into_dyn(), &reference);
 
     let options = FolderOptions {
         labels: Some(vec![1, 2, 3, 4]),
@@ -237,9 +206,7 @@ fn folder_errors_are_clear() {
     };
     write_labels(&a.join("x.png"), ArrayD::zeros(vec![4, 4]), &r2);
     write_labels(&b.join("x.png"), ArrayD::zeros(vec![4, 5]), &r3);
-    let err = evaluate_folder(&a, &b, &out, &opts, None)
-        .unwrap_err()
-        .to_string();
+    let err = evaluate_folder(&a, &b, &out, &opts, None).unwrap_err().to_string();
     assert!(err.contains("case `x`") && err.contains("shape"), "{err}");
     write_labels(&b.join("x.png"), ArrayD::zeros(vec![4, 4]), &r2);
     std::fs::write(b.join("x.nii.gz"), b"not a nifti").unwrap();
@@ -248,8 +215,6 @@ fn folder_errors_are_clear() {
         Err(sgp_eval::EvalError::DuplicateCase { .. })
     ));
     std::fs::remove_file(b.join("x.png")).unwrap();
-    let err = evaluate_folder(&a, &b, &out, &opts, None)
-        .unwrap_err()
-        .to_string();
+    let err = evaluate_folder(&a, &b, &out, &opts, None).unwrap_err().to_string();
     assert!(err.contains("x.nii.gz"), "{err}");
 }

@@ -13,12 +13,9 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use sgp_kernels::masked_attention::{
-    masked_attention, naive_masked_attention, MaskedAttentionOptions, QueryScaling,
-};
+use sgp_kernels::masked_attention::{masked_attention, naive_masked_attention, MaskedAttentionOptions, QueryScaling};
 
-type AttnFn =
-    fn(&Tensor, &Tensor, &Tensor, &Tensor, &MaskedAttentionOptions) -> sgp_kernels::Result<Tensor>;
+type AttnFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &MaskedAttentionOptions) -> sgp_kernels::Result<Tensor>;
 
 struct Inputs {
     q: Tensor,
@@ -55,8 +52,7 @@ fn run_fwd_bwd(f: AttnFn, x: &Inputs) -> Tensor {
         Var::from_tensor(&x.k).expect("var"),
         Var::from_tensor(&x.v).expect("var"),
     );
-    let out =
-        f(q.as_tensor(), k.as_tensor(), v.as_tensor(), &x.p, &opts()).expect("attention forward");
+    let out = f(q.as_tensor(), k.as_tensor(), v.as_tensor(), &x.p, &opts()).expect("attention forward");
     let grads = out.sum_all().and_then(|s| s.backward()).expect("backward");
     grads.get(q.as_tensor()).expect("dq").clone()
 }

@@ -18,18 +18,11 @@ use sgp_kernels::masked_attention::{
 };
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
-type AttnFn =
-    fn(&Tensor, &Tensor, &Tensor, &Tensor, &MaskedAttentionOptions) -> sgp_kernels::Result<Tensor>;
+type AttnFn = fn(&Tensor, &Tensor, &Tensor, &Tensor, &MaskedAttentionOptions) -> sgp_kernels::Result<Tensor>;
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> Res<f64> {
-    let a = a
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?;
-    let b = b
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?;
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?;
     let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let e = if den == 0.0 { num } else { num / den };
@@ -42,10 +35,7 @@ struct Run {
 }
 
 fn run(f: AttnFn, x: &[Tensor; 4], w: &Tensor, opts: &MaskedAttentionOptions) -> Res<Run> {
-    let vars: Vec<Var> = x
-        .iter()
-        .map(Var::from_tensor)
-        .collect::<candle_core::Result<_>>()?;
+    let vars: Vec<Var> = x.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
     let out = f(
         vars[0].as_tensor(),
         vars[1].as_tensor(),
@@ -58,20 +48,8 @@ fn run(f: AttnFn, x: &[Tensor; 4], w: &Tensor, opts: &MaskedAttentionOptions) ->
     Ok(Run { out, grads })
 }
 
-fn inputs(
-    dev: &Device,
-    b: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    d: usize,
-    per_query: bool,
-) -> Res<[Tensor; 4]> {
-    let p_shape: Vec<usize> = if per_query {
-        vec![b, lq, lk]
-    } else {
-        vec![b, lk]
-    };
+fn inputs(dev: &Device, b: usize, h: usize, lq: usize, lk: usize, d: usize, per_query: bool) -> Res<[Tensor; 4]> {
+    let p_shape: Vec<usize> = if per_query { vec![b, lq, lk] } else { vec![b, lk] };
     // p in [0.05, 1]: away from 0 so soft-mode dp stays well conditioned.
     let p = Tensor::rand(0f32, 1.0, p_shape, dev)?.affine(0.95, 0.05)?;
     Ok([
@@ -86,16 +64,11 @@ fn check(dev: &Device, quick: bool, dump: Option<&str>) -> Res<bool> {
     let tol = if dev.is_cpu() { 1e-5 } else { 1e-4 };
     let mut ok = true;
     let heads: &[usize] = if quick { &[32] } else { &[32, 64, 128, 256] };
-    let shapes: &[(usize, usize, usize, usize)] =
-        &[(1, 2, 77, 77), (2, 1, 130, 33), (1, 3, 33, 300)];
+    let shapes: &[(usize, usize, usize, usize)] = &[(1, 2, 77, 77), (2, 1, 130, 33), (1, 3, 33, 300)];
     for &d in heads {
         for &(b, h, lq, lk) in shapes {
             for per_query in [false, true] {
-                for mode in [
-                    MaskMode::default(),
-                    MaskMode::Soft { eps: 1e-12 },
-                    MaskMode::Hard,
-                ] {
+                for mode in [MaskMode::default(), MaskMode::Soft { eps: 1e-12 }, MaskMode::Hard] {
                     let x = inputs(dev, b, h, lq, lk, d, per_query)?;
                     let w = Tensor::randn(0f32, 1.0, (b, h, lq, d), dev)?;
                     let scaling = if lq == lk && !per_query {
@@ -125,8 +98,7 @@ fn check(dev: &Device, quick: bool, dump: Option<&str>) -> Res<bool> {
                             .iter()
                             .map(|t| t.to_device(&Device::Cpu))
                             .collect::<candle_core::Result<_>>()?;
-                        let xc: [Tensor; 4] =
-                            [xc[0].clone(), xc[1].clone(), xc[2].clone(), xc[3].clone()];
+                        let xc: [Tensor; 4] = [xc[0].clone(), xc[1].clone(), xc[2].clone(), xc[3].clone()];
                         let cpu = run(masked_attention, &xc, &w.to_device(&Device::Cpu)?, &opts)?;
                         rel_l2(&fused.out, &cpu.out)?
                     };
@@ -158,9 +130,7 @@ fn check(dev: &Device, quick: bool, dump: Option<&str>) -> Res<bool> {
                         let tmp = format!("{path}.tmp");
                         candle_core::safetensors::save(&map, &tmp)?;
                         std::fs::rename(&tmp, &path)?;
-                        println!(
-                            "DUMP {path} (soft eps=1e-6, key map, query scaling from key map)"
-                        );
+                        println!("DUMP {path} (soft eps=1e-6, key map, query scaling from key map)");
                     }
                 }
             }

@@ -11,9 +11,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use sgp_kernels::masked_attention::{
-    masked_attention, naive_masked_attention, MaskedAttentionOptions, QueryScaling,
-};
+use sgp_kernels::masked_attention::{masked_attention, naive_masked_attention, MaskedAttentionOptions, QueryScaling};
 
 fn vm_hwm_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -55,11 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let base_kib = vm_hwm_kib().unwrap_or(0);
     let start = Instant::now();
     let checksum = if backward {
-        let (qv, kv, vv) = (
-            Var::from_tensor(&q)?,
-            Var::from_tensor(&k)?,
-            Var::from_tensor(&v)?,
-        );
+        let (qv, kv, vv) = (Var::from_tensor(&q)?, Var::from_tensor(&k)?, Var::from_tensor(&v)?);
         let out = f(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), &p, &opts)?;
         let grads = out.sum_all()?.backward()?;
         let dq = grads.get(qv.as_tensor()).ok_or("no dq")?;

@@ -141,11 +141,7 @@ impl AxisTaps {
     }
 
     fn dense_tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
-        Ok(Tensor::from_vec(
-            self.dense(),
-            (self.out_size(), self.in_size),
-            device,
-        )?)
+        Ok(Tensor::from_vec(self.dense(), (self.out_size(), self.in_size), device)?)
     }
 }
 
@@ -194,12 +190,7 @@ fn cubic_taps(in_size: usize, out_size: usize) -> AxisTaps {
         .map(|o| {
             let real = source_index(scale, o, false, true);
             let (idx, t) = guard_index_and_lambda(real, in_size);
-            let coeffs = [
-                conv2(t + 1.0),
-                conv1(t),
-                conv1(1.0 - t),
-                conv2(1.0 - t + 1.0),
-            ];
+            let coeffs = [conv2(t + 1.0), conv1(t), conv1(1.0 - t), conv2(1.0 - t + 1.0)];
             coeffs
                 .iter()
                 .enumerate()
@@ -358,11 +349,7 @@ impl CustomOp1 for SeparableResize {
         "sgp-separable-resize"
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, ih, iw) = layout.shape().dims4()?;
         if ih != self.rows.in_size || iw != self.cols.in_size {
             candle_core::bail!(
@@ -388,23 +375,11 @@ impl CustomOp1 for SeparableResize {
     }
 
     /// The op is linear: the gradient is the transposed map `Whᵀ · g · Ww`.
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (n, c, oh, ow) = grad_res.dims4()?;
         let to_candle = |e: Error| candle_core::Error::Msg(e.to_string());
-        let wh_t = self
-            .rows
-            .dense_tensor(grad_res.device())
-            .map_err(to_candle)?
-            .t()?; // [ih, oh]
-        let ww = self
-            .cols
-            .dense_tensor(grad_res.device())
-            .map_err(to_candle)?; // [ow, iw]
+        let wh_t = self.rows.dense_tensor(grad_res.device()).map_err(to_candle)?.t()?; // [ih, oh]
+        let ww = self.cols.dense_tensor(grad_res.device()).map_err(to_candle)?; // [ow, iw]
         let g = grad_res.to_dtype(DType::F32)?.reshape((n * c, oh, ow))?;
         let grad = wh_t.broadcast_matmul(&g)?.broadcast_matmul(&ww)?;
         let grad = grad.reshape((n, c, self.rows.in_size, self.cols.in_size))?;

@@ -13,9 +13,7 @@ type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn randn(rng: &mut StdRng, shape: &[usize], amp: f32) -> R<Tensor> {
     let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * amp)
-        .collect();
+    let data: Vec<f32> = (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * amp).collect();
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
@@ -47,12 +45,7 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> R<f64> {
     let a = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let b = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     assert_eq!(a.len(), b.len());
-    let num: f64 = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     assert!(a.iter().all(|x| x.is_finite()), "non-finite values");
     Ok(if den == 0.0 { num } else { num / den })
@@ -195,8 +188,7 @@ fn gradients_match_naive_autograd() -> R<()> {
             )?;
             let loss = (out * &w)?.sum_all()?;
             let g = loss.backward()?;
-            let per_var: Vec<Option<Tensor>> =
-                vars.iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
+            let per_var: Vec<Option<Tensor>> = vars.iter().map(|v| g.get(v.as_tensor()).cloned()).collect();
             grads.push(per_var);
         }
         let names = ["q", "k", "v", "p", "qmap"];
@@ -298,10 +290,7 @@ fn gradients_match_finite_differences() -> R<()> {
                     let t = Tensor::from_vec(f, base[vi].shape(), &Device::Cpu)?;
                     let mut args = base.clone();
                     args[vi] = t;
-                    loss_of(
-                        &masked_attention(&args[0], &args[1], &args[2], &args[3], &o)?,
-                        &w,
-                    )
+                    loss_of(&masked_attention(&args[0], &args[1], &args[2], &args[3], &o)?, &w)
                 };
                 let fd = (eval(step)? - eval(-step)?) / (2.0 * step as f64);
                 let an = grad[idx] as f64;
@@ -423,14 +412,7 @@ fn bad_inputs_are_errors_not_panics() -> R<()> {
     assert!(masked_attention(&q, &k, &k, &p, &def).is_ok());
     // Wrong p shapes.
     assert!(masked_attention(&q, &k, &k, &Tensor::ones((1, 4), DType::F32, &dev)?, &def).is_err());
-    assert!(masked_attention(
-        &q,
-        &k,
-        &k,
-        &Tensor::ones((1, 5, 5), DType::F32, &dev)?,
-        &def
-    )
-    .is_err());
+    assert!(masked_attention(&q, &k, &k, &Tensor::ones((1, 5, 5), DType::F32, &dev)?, &def).is_err());
     // Mismatched heads / dims.
     let k_bad = Tensor::zeros((1, 2, 5, 4), DType::F32, &dev)?;
     assert!(masked_attention(&q, &k_bad, &k_bad, &p, &def).is_err());
@@ -438,9 +420,7 @@ fn bad_inputs_are_errors_not_panics() -> R<()> {
     assert!(masked_attention(&q.flatten(0, 1)?, &k, &k, &p, &def).is_err());
     // No keys.
     let k0 = Tensor::zeros((1, 2, 0, 8), DType::F32, &dev)?;
-    assert!(
-        masked_attention(&q, &k0, &k0, &Tensor::ones((1, 0), DType::F32, &dev)?, &def).is_err()
-    );
+    assert!(masked_attention(&q, &k0, &k0, &Tensor::ones((1, 0), DType::F32, &dev)?, &def).is_err());
     // Query scaling from a key map needs self-attention.
     let fk = MaskedAttentionOptions {
         query_scaling: QueryScaling::FromKeyMap,
@@ -477,8 +457,7 @@ fn non_contiguous_inputs_are_handled() -> R<()> {
     let p = prob_map(&mut rng, &[2, 23])?;
     let o = MaskedAttentionOptions::default();
     let fused = masked_attention(&q, &k, &v, &p, &o)?;
-    let naive =
-        naive_masked_attention(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, &p, &o)?;
+    let naive = naive_masked_attention(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, &p, &o)?;
     assert!(rel_l2(&fused, &naive)? < 1e-5);
     Ok(())
 }
@@ -523,9 +502,7 @@ fn backward_is_independent_of_the_thread_pool() -> R<()> {
     };
     let want = grads(false)?;
     for threads in [1, 3] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
         let got = pool.install(|| grads(true).map_err(|e| e.to_string()))?;
         for (a, b) in got.iter().zip(&want) {
             let err = rel_l2(a, b)?;

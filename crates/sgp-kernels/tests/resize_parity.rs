@@ -9,10 +9,7 @@ use sgp_kernels::resize;
 const REL_TOL: f64 = 1e-6;
 
 fn refs() -> BTreeMap<String, Tensor> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/resize_refs.safetensors"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/resize_refs.safetensors");
     candle_core::safetensors::load(path, &Device::Cpu)
         .expect("reference file")
         .into_iter()
@@ -20,20 +17,9 @@ fn refs() -> BTreeMap<String, Tensor> {
 }
 
 fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
-    let diff = (ours - reference)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap();
+    let diff = (ours - reference).unwrap().sqr().unwrap().sum_all().unwrap();
     let diff = diff.to_scalar::<f32>().unwrap() as f64;
-    let norm = reference
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64;
+    let norm = reference.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
     diff.sqrt() / norm.sqrt().max(1e-12)
 }
 
@@ -64,10 +50,7 @@ fn matches_pytorch_interpolate() {
         assert_eq!(ours.dims(), expected.dims(), "{stem}: shape");
         let err = rel_err(&ours, expected);
         if err > REL_TOL {
-            failures.push(format!(
-                "{stem} {:?}->{h}x{w}: rel err {err:e}",
-                input.dims()
-            ));
+            failures.push(format!("{stem} {:?}->{h}x{w}: rel err {err:e}", input.dims()));
         }
         *checked.entry(mode.to_string()).or_default() += 1;
     }
@@ -111,15 +94,12 @@ fn backward_is_the_adjoint() {
     ];
     for (name, op) in ops {
         for &(h, w) in &[(5usize, 11usize), (13, 4)] {
-            let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 9, 7), &dev).unwrap()).unwrap();
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 9, 7), &dev).unwrap()).unwrap();
             let g = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
             let y = op(x.as_tensor(), h, w).unwrap();
             let loss = (&y * &g).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
-            let gx = grads
-                .get(x.as_tensor())
-                .expect("gradient reaches the input");
+            let gx = grads.get(x.as_tensor()).expect("gradient reaches the input");
             // A finite difference along a random direction (exact for a linear map up to rounding).
             let d = Tensor::randn(0f32, 1.0, (2, 3, 9, 7), &dev).unwrap();
             let eps = 1e-2;
@@ -132,12 +112,7 @@ fn backward_is_the_adjoint() {
                 .to_scalar::<f32>()
                 .unwrap()
                 / eps as f32;
-            let an = (gx * &d)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let an = (gx * &d).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(
                 (fd - an).abs() <= 1e-2 * an.abs().max(1.0),
                 "{name} {h}x{w}: finite difference {fd} vs gradient {an}"

@@ -75,13 +75,7 @@ impl Lora {
             |_, _| Ok(()),
             |layer, chunk, weight| {
                 let rows = layer.rows(chunk);
-                let a = kaiming_uniform_a_sqrt5(
-                    &mut rng,
-                    rank,
-                    layer.in_dim,
-                    weight.dtype(),
-                    weight.device(),
-                )?;
+                let a = kaiming_uniform_a_sqrt5(&mut rng, rank, layer.in_dim, weight.dtype(), weight.device())?;
                 let b = Tensor::zeros((rows.len(), rank), weight.dtype(), weight.device())?;
                 Ok((a, b))
             },
@@ -90,12 +84,7 @@ impl Lora {
 
     /// Resolves the targets on `model`, makes the variables with `make_ab`, and attaches.
     /// `verify` sees the resolved layers and the base hash before anything is attached.
-    pub(crate) fn build<M, V, F>(
-        model: &mut M,
-        config: LoraConfig,
-        verify: V,
-        mut make_ab: F,
-    ) -> Result<Self>
+    pub(crate) fn build<M, V, F>(model: &mut M, config: LoraConfig, verify: V, mut make_ab: F) -> Result<Self>
     where
         M: AdaptableModel + ?Sized,
         V: FnOnce(&[ResolvedLayer], &str) -> Result<()>,
@@ -104,11 +93,7 @@ impl Lora {
         config.validate()?;
         let mut linears = model.adaptable_linears_mut();
         let resolved = resolve_on(&linears, &config)?;
-        let by_path: HashMap<String, usize> = linears
-            .iter()
-            .enumerate()
-            .map(|(i, (p, _))| (p.clone(), i))
-            .collect();
+        let by_path: HashMap<String, usize> = linears.iter().enumerate().map(|(i, (p, _))| (p.clone(), i)).collect();
         let base_hash = base_hash_of(&linears, &resolved)?;
         verify(&resolved, &base_hash)?;
         for layer in &resolved {
@@ -227,11 +212,7 @@ impl Lora {
         for (attached, &i) in self.layers.iter_mut().zip(&indices) {
             let linear = &mut linears[i].1;
             let original = linear.weight().clone();
-            let delta = attached
-                .adapter
-                .delta_weight()?
-                .detach()
-                .to_dtype(original.dtype())?;
+            let delta = attached.adapter.delta_weight()?.detach().to_dtype(original.dtype())?;
             linear.set_weight((&original + delta)?.detach())?;
             linear.set_adapter(None);
             attached.original_weight = Some(original);
@@ -250,10 +231,7 @@ impl Lora {
         let indices = self.find_own(&linears, false)?;
         for (attached, &i) in self.layers.iter_mut().zip(&indices) {
             let linear = &mut linears[i].1;
-            let original = attached
-                .original_weight
-                .take()
-                .ok_or(LoraError::NotMerged)?;
+            let original = attached.original_weight.take().ok_or(LoraError::NotMerged)?;
             linear.set_weight(original)?;
             linear.set_adapter(Some(attached.adapter.clone() as Arc<dyn LinearAdapter>));
         }
@@ -277,16 +255,8 @@ impl Lora {
 
     /// Indices into `linears` of this LoRA's layers. With `expect_ours`, each must still
     /// carry our adapter (not someone else's); without, it must not (merged state).
-    fn find_own(
-        &self,
-        linears: &[(String, &mut AdaptableLinear)],
-        expect_ours: bool,
-    ) -> Result<Vec<usize>> {
-        let by_path: HashMap<&str, usize> = linears
-            .iter()
-            .enumerate()
-            .map(|(i, (p, _))| (p.as_str(), i))
-            .collect();
+    fn find_own(&self, linears: &[(String, &mut AdaptableLinear)], expect_ours: bool) -> Result<Vec<usize>> {
+        let by_path: HashMap<&str, usize> = linears.iter().enumerate().map(|(i, (p, _))| (p.as_str(), i)).collect();
         let mut indices = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let path = &l.adapter.layer().path;
@@ -306,9 +276,7 @@ impl Lora {
 }
 
 fn poisoned() -> LoraError {
-    LoraError::Candle(candle_core::Error::Msg(
-        "the LoRA VarMap lock is poisoned".into(),
-    ))
+    LoraError::Candle(candle_core::Error::Msg("the LoRA VarMap lock is poisoned".into()))
 }
 
 /// Resolves the config's targets on the model's adaptable layers.
@@ -317,9 +285,7 @@ pub(crate) fn resolve_on(
     config: &LoraConfig,
 ) -> Result<Vec<ResolvedLayer>> {
     resolve(
-        linears
-            .iter()
-            .map(|(p, l)| (p.as_str(), l.in_dim(), l.out_dim())),
+        linears.iter().map(|(p, l)| (p.as_str(), l.in_dim(), l.out_dim())),
         &config.targets,
     )
 }
@@ -327,20 +293,14 @@ pub(crate) fn resolve_on(
 /// SHA-256 over the targeted layers, sorted by path: each path, its weight's (and
 /// bias's) dtype, shape and bytes. It identifies the base model an adapter was trained
 /// on; two different checkpoints of the same architecture hash differently.
-pub fn base_hash_of(
-    linears: &[(String, &mut AdaptableLinear)],
-    resolved: &[ResolvedLayer],
-) -> Result<String> {
-    let by_path: HashMap<&str, &AdaptableLinear> =
-        linears.iter().map(|(p, l)| (p.as_str(), &**l)).collect();
+pub fn base_hash_of(linears: &[(String, &mut AdaptableLinear)], resolved: &[ResolvedLayer]) -> Result<String> {
+    let by_path: HashMap<&str, &AdaptableLinear> = linears.iter().map(|(p, l)| (p.as_str(), &**l)).collect();
     let mut hasher = Sha256::new();
     hasher.update(b"sgp-lora base v1\0");
     for layer in resolved {
-        let linear = by_path
-            .get(layer.path.as_str())
-            .ok_or_else(|| LoraError::NotAttached {
-                path: layer.path.clone(),
-            })?;
+        let linear = by_path.get(layer.path.as_str()).ok_or_else(|| LoraError::NotAttached {
+            path: layer.path.clone(),
+        })?;
         hasher.update(layer.path.as_bytes());
         hasher.update([0u8]);
         hash_tensor(&mut hasher, linear.weight())?;
@@ -355,10 +315,7 @@ pub fn base_hash_of(
     let digest = hasher.finalize();
     Ok(format!(
         "sha256:{}",
-        digest
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
     ))
 }
 

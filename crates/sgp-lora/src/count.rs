@@ -131,10 +131,7 @@ pub fn count_trainable(dims: &HieraDims, config: &LoraConfig) -> Result<usize> {
         ));
     }
     let linears = dims.linears("image_encoder.trunk");
-    let resolved = resolve(
-        linears.iter().map(|(p, i, o)| (p.as_str(), *i, *o)),
-        &config.targets,
-    )?;
+    let resolved = resolve(linears.iter().map(|(p, i, o)| (p.as_str(), *i, *o)), &config.targets)?;
     Ok(resolved.iter().map(|l| l.num_params(config.rank)).sum())
 }
 
@@ -207,13 +204,8 @@ mod tests {
             ("b+", HieraDims::base_plus()),
             ("l", HieraDims::large()),
         ] {
-            let cfg =
-                sgp_sam2::config::Sam2Config::preset(&format!("sam2.1_hiera_{name}")).unwrap();
-            assert_eq!(
-                HieraDims::from(&cfg.image_encoder.trunk),
-                dims,
-                "hiera_{name}"
-            );
+            let cfg = sgp_sam2::config::Sam2Config::preset(&format!("sam2.1_hiera_{name}")).unwrap();
+            assert_eq!(HieraDims::from(&cfg.image_encoder.trunk), dims, "hiera_{name}");
         }
     }
 
@@ -239,9 +231,6 @@ mod tests {
             .iter()
             .map(|(d, o)| 4 * (d + 3 * o))
             .sum();
-        assert_eq!(
-            count_trainable(&HieraDims::tiny(), &whole).unwrap(),
-            expected
-        );
+        assert_eq!(count_trainable(&HieraDims::tiny(), &whole).unwrap(), expected);
     }
 }

@@ -14,9 +14,7 @@ pub enum LoraError {
     #[error("no adaptable layer of the model matches the LoRA targets {targets:?}")]
     NoMatchingLayer { targets: Vec<String> },
 
-    #[error(
-        "layer `{path}` has {out_dim} outputs, which do not split into {chunks} equal fused parts"
-    )]
+    #[error("layer `{path}` has {out_dim} outputs, which do not split into {chunks} equal fused parts")]
     IndivisibleOutput {
         path: String,
         out_dim: usize,
@@ -47,9 +45,7 @@ pub enum LoraError {
         in_model: Vec<String>,
     },
 
-    #[error(
-        "shape mismatch for `{name}`: the adapter file has {found:?}, the model needs {expected:?}"
-    )]
+    #[error("shape mismatch for `{name}`: the adapter file has {found:?}, the model needs {expected:?}")]
     ShapeMismatch {
         name: String,
         expected: Vec<usize>,
@@ -66,10 +62,7 @@ pub enum LoraError {
     BadMetadata(String),
 
     #[error("i/o error on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 
     #[error("safetensors: {0}")]
     SafeTensors(#[from] safetensors::SafeTensorError),

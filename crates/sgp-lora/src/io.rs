@@ -58,19 +58,12 @@ impl Lora {
         for adapter in self.adapters() {
             let layer_path = &adapter.layer().path;
             for c in adapter.chunks() {
-                tensors.push((
-                    var_name(layer_path, c.chunk, AOrB::A),
-                    c.a.as_tensor().contiguous()?,
-                ));
-                tensors.push((
-                    var_name(layer_path, c.chunk, AOrB::B),
-                    c.b.as_tensor().contiguous()?,
-                ));
+                tensors.push((var_name(layer_path, c.chunk, AOrB::A), c.a.as_tensor().contiguous()?));
+                tensors.push((var_name(layer_path, c.chunk, AOrB::B), c.b.as_tensor().contiguous()?));
             }
         }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        let bytes =
-            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))?;
+        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))?;
         write_atomically(path, &bytes)
     }
 
@@ -120,9 +113,7 @@ impl Lora {
             |layer, chunk, weight| {
                 let get = |which: AOrB, expected: [usize; 2]| -> Result<Tensor> {
                     let name = var_name(&layer.path, chunk, which);
-                    let view = file
-                        .tensor(&name)
-                        .map_err(|_| LoraError::MissingTensor(name.clone()))?;
+                    let view = file.tensor(&name).map_err(|_| LoraError::MissingTensor(name.clone()))?;
                     if view.shape() != expected {
                         return Err(LoraError::ShapeMismatch {
                             name,
@@ -180,37 +171,27 @@ pub fn read_info(path: impl AsRef<Path>) -> Result<AdapterFileInfo> {
 
 fn read_info_from_bytes(bytes: &[u8]) -> Result<AdapterFileInfo> {
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)?;
-    let meta = metadata.metadata().as_ref().ok_or_else(|| {
-        LoraError::BadMetadata("the file has no metadata; is it an sgp-lora adapter file?".into())
-    })?;
+    let meta = metadata
+        .metadata()
+        .as_ref()
+        .ok_or_else(|| LoraError::BadMetadata("the file has no metadata; is it an sgp-lora adapter file?".into()))?;
     let field = |key: &str| -> Result<&String> {
         meta.get(key)
             .ok_or_else(|| LoraError::BadMetadata(format!("missing key `{key}`")))
     };
-    let parse_err =
-        |key: &str, e: &dyn std::fmt::Display| LoraError::BadMetadata(format!("key `{key}`: {e}"));
+    let parse_err = |key: &str, e: &dyn std::fmt::Display| LoraError::BadMetadata(format!("key `{key}`: {e}"));
     let format = field("format")?;
     if format != FORMAT {
         return Err(LoraError::BadMetadata(format!(
             "format `{format}`, expected `{FORMAT}`"
         )));
     }
-    let rank = field("rank")?
-        .parse::<usize>()
-        .map_err(|e| parse_err("rank", &e))?;
-    let alpha = field("alpha")?
-        .parse::<f64>()
-        .map_err(|e| parse_err("alpha", &e))?;
-    let dropout = field("dropout")?
-        .parse::<f32>()
-        .map_err(|e| parse_err("dropout", &e))?;
-    let seed = field("seed")?
-        .parse::<u64>()
-        .map_err(|e| parse_err("seed", &e))?;
-    let targets: Vec<Target> =
-        serde_json::from_str(field("targets")?).map_err(|e| parse_err("targets", &e))?;
-    let layers: Vec<ResolvedLayer> =
-        serde_json::from_str(field("layers")?).map_err(|e| parse_err("layers", &e))?;
+    let rank = field("rank")?.parse::<usize>().map_err(|e| parse_err("rank", &e))?;
+    let alpha = field("alpha")?.parse::<f64>().map_err(|e| parse_err("alpha", &e))?;
+    let dropout = field("dropout")?.parse::<f32>().map_err(|e| parse_err("dropout", &e))?;
+    let seed = field("seed")?.parse::<u64>().map_err(|e| parse_err("seed", &e))?;
+    let targets: Vec<Target> = serde_json::from_str(field("targets")?).map_err(|e| parse_err("targets", &e))?;
+    let layers: Vec<ResolvedLayer> = serde_json::from_str(field("layers")?).map_err(|e| parse_err("layers", &e))?;
     let config = LoraConfig {
         rank,
         alpha,

@@ -144,11 +144,7 @@ impl LinearAdapter for LoraLinear {
             x.clone()
         };
         let (a, b) = (self.a_stacked()?, self.b_full()?);
-        let (a, b) = if train {
-            (a, b)
-        } else {
-            (a.detach(), b.detach())
-        };
+        let (a, b) = if train { (a, b) } else { (a.detach(), b.detach()) };
         let h = matmul_last(&x, &a.t()?)?;
         let d = matmul_last(&h, &b.t()?)?;
         d * self.scale

@@ -56,9 +56,7 @@ impl Target {
             return Err(invalid("no chunk selected".into()));
         }
         if let Some(&bad) = selected.iter().find(|&&c| c >= chunks) {
-            return Err(invalid(format!(
-                "chunk {bad} does not exist in a {chunks}-chunk split"
-            )));
+            return Err(invalid(format!("chunk {bad} does not exist in a {chunks}-chunk split")));
         }
         Ok(Self {
             pattern: pattern.to_string(),
@@ -183,11 +181,7 @@ impl FromStr for Target {
         let chunks = match chunks {
             Some(3) | None if uses_letters => 3,
             Some(n) if !uses_letters => n,
-            None => {
-                return Err(invalid(
-                    "numeric chunks need the chunk count, e.g. `[0,2/3]`",
-                ))
-            }
+            None => return Err(invalid("numeric chunks need the chunk count, e.g. `[0,2/3]`")),
             Some(_) => return Err(invalid("the letters q, k, v imply a 3-chunk split")),
         };
         Self::fused(pattern, chunks, &selected)
@@ -233,9 +227,7 @@ fn match_segments(pat: &[&str], segs: &[&str]) -> bool {
         None => segs.is_empty(),
         Some((&"**", rest)) => (0..=segs.len()).any(|skip| match_segments(rest, &segs[skip..])),
         Some((p, rest)) => match segs.split_first() {
-            Some((s, srest)) => {
-                match_segment(p.as_bytes(), s.as_bytes()) && match_segments(rest, srest)
-            }
+            Some((s, srest)) => match_segment(p.as_bytes(), s.as_bytes()) && match_segments(rest, srest),
             None => false,
         },
     }
@@ -357,8 +349,7 @@ mod tests {
     #[test]
     fn bad_specs_are_errors() {
         for bad in [
-            "", "a..b", ".a", "a.**x", "a[0,2]", "a[0,3/3]", "a[q/2]", "a[0,2/3", "a[]", "a[x/3]",
-            "a[0/0]",
+            "", "a..b", ".a", "a.**x", "a[0,2]", "a[0,3/3]", "a[q/2]", "a[0,2/3", "a[]", "a[x/3]", "a[0/0]",
         ] {
             assert!(bad.parse::<Target>().is_err(), "`{bad}` should not parse");
         }

@@ -59,8 +59,7 @@ fn randomise_b(lora: &Lora, seed: u64, scale: f64) {
     let mut rng = Rng::new(seed);
     for a in lora.adapters() {
         for c in a.chunks() {
-            c.b.set(&rng.tensor(c.b.dims(), scale, c.b.dtype()))
-                .unwrap();
+            c.b.set(&rng.tensor(c.b.dims(), scale, c.b.dtype())).unwrap();
         }
     }
 }
@@ -92,16 +91,8 @@ fn sam2_with_fresh_adapters_is_bit_identical_and_merging_matches() {
     );
 
     let fresh = run(&model, &image);
-    assert_bit_identical(
-        &fresh.image_embed,
-        &plain.image_embed,
-        "fresh adapters: image_embed",
-    );
-    assert_bit_identical(
-        &fresh.mask_logits,
-        &plain.mask_logits,
-        "fresh adapters: mask_logits",
-    );
+    assert_bit_identical(&fresh.image_embed, &plain.image_embed, "fresh adapters: image_embed");
+    assert_bit_identical(&fresh.mask_logits, &plain.mask_logits, "fresh adapters: mask_logits");
     assert_bit_identical(&fresh.iou, &plain.iou, "fresh adapters: iou");
 
     // In training mode the graph is tracked, so sgp-sam2 switches to its differentiable
@@ -133,18 +124,10 @@ fn sam2_with_fresh_adapters_is_bit_identical_and_merging_matches() {
     }
 
     lora.unmerge(&mut model).unwrap();
-    assert_bit_identical(
-        &run(&model, &image).mask_logits,
-        &adapted.mask_logits,
-        "after unmerge",
-    );
+    assert_bit_identical(&run(&model, &image).mask_logits, &adapted.mask_logits, "after unmerge");
     lora.detach(&mut model).unwrap();
     assert_eq!(snapshot(&base_tensors(&mut model)), originals);
-    assert_bit_identical(
-        &run(&model, &image).mask_logits,
-        &plain.mask_logits,
-        "after detach",
-    );
+    assert_bit_identical(&run(&model, &image).mask_logits, &plain.mask_logits, "after detach");
 }
 
 /// Every option (q/v, all of qkv, proj, MLP) on the real model matches the count.
@@ -157,18 +140,11 @@ fn counts_match_the_real_model_for_every_target_option() {
         vec![Target::hiera_qkv()],
         vec![Target::hiera_attn_proj()],
         vec![Target::hiera_mlp()],
-        vec![
-            Target::hiera_qv(),
-            Target::hiera_attn_proj(),
-            Target::hiera_mlp(),
-        ],
+        vec![Target::hiera_qv(), Target::hiera_attn_proj(), Target::hiera_mlp()],
     ] {
         let config = LoraConfig::new(2, 2.0).with_targets(targets);
         let lora = Lora::attach(&mut model, config.clone()).unwrap();
-        assert_eq!(
-            lora.num_trainable_params(),
-            count_trainable(&dims, &config).unwrap()
-        );
+        assert_eq!(lora.num_trainable_params(), count_trainable(&dims, &config).unwrap());
         lora.detach(&mut model).unwrap();
     }
 }
@@ -182,17 +158,9 @@ fn lora_vars(lora: &Lora) -> Vec<(String, Var)> {
 
 /// Finite-difference check of the LoRA gradients through the image encoder built from
 /// `cfg` (f64), on adapters of q/v and both MLP layers of every block.
-fn gradcheck_image_encoder(
-    cfg: &sgp_sam2::config::Sam2Config,
-    through_neck: bool,
-) -> (f64, usize, usize) {
-    let mut encoder = ImageEncoder::new(
-        &cfg.image_encoder,
-        random_vb(11, DType::F64).pp("image_encoder"),
-    )
-    .unwrap();
-    let config =
-        LoraConfig::new(2, 4.0).with_targets(vec![Target::hiera_qv(), Target::hiera_mlp()]);
+fn gradcheck_image_encoder(cfg: &sgp_sam2::config::Sam2Config, through_neck: bool) -> (f64, usize, usize) {
+    let mut encoder = ImageEncoder::new(&cfg.image_encoder, random_vb(11, DType::F64).pp("image_encoder")).unwrap();
+    let config = LoraConfig::new(2, 4.0).with_targets(vec![Target::hiera_qv(), Target::hiera_mlp()]);
     let lora = Lora::attach(&mut encoder, config).unwrap();
     lora.set_train(true);
     randomise_b(&lora, 5, 0.3);
@@ -231,12 +199,11 @@ fn gradients_through_the_image_encoder_match_finite_differences() {
     let mut cfg = tiny_sam2_config();
     cfg.image_encoder.trunk.q_pool = 0;
     let (worst, nonzero, checked) = gradcheck_image_encoder(&cfg, false);
-    eprintln!("image encoder (no q-pool) LoRA gradcheck: worst relative error {worst:.2e}, {nonzero}/{checked} non-zero");
-    assert!(worst < 1e-4, "worst relative error {worst:.3e}");
-    assert_eq!(
-        nonzero, checked,
-        "every checked LoRA gradient entry must be non-zero"
+    eprintln!(
+        "image encoder (no q-pool) LoRA gradcheck: worst relative error {worst:.2e}, {nonzero}/{checked} non-zero"
     );
+    assert!(worst < 1e-4, "worst relative error {worst:.3e}");
+    assert_eq!(nonzero, checked, "every checked LoRA gradient entry must be non-zero");
 }
 
 /// The same check with SAM2's query pooling (`MaxPool2d` in the three stage-transition
@@ -321,30 +288,18 @@ fn training_the_adapters_segments_better_and_leaves_the_base_untouched() {
     let first = loss_of(&model);
     let grads = first.backward().unwrap();
     let grad_max = |v: &Var| {
-        grads.get(v.as_tensor()).map_or(0.0, |g| {
-            g.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
+        grads
+            .get(v.as_tensor())
+            .map_or(0.0, |g| g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
     };
     for (name, var) in lora_vars(&lora) {
         if name.contains(".lora_B.") {
             assert!(grad_max(&var) > 0.0, "no gradient reaches {name}");
         } else {
-            assert_eq!(
-                grad_max(&var),
-                0.0,
-                "{name}: with B = 0 the gradient of A is zero"
-            );
+            assert_eq!(grad_max(&var), 0.0, "{name}: with B = 0 the gradient of A is zero");
         }
     }
-    let a_before: Vec<Vec<f64>> = lora_vars(&lora)
-        .iter()
-        .map(|(_, v)| values(v.as_tensor()))
-        .collect();
+    let a_before: Vec<Vec<f64>> = lora_vars(&lora).iter().map(|(_, v)| values(v.as_tensor())).collect();
 
     let first = first.to_scalar::<f32>().unwrap();
     let mut last = first;
@@ -353,10 +308,7 @@ fn training_the_adapters_segments_better_and_leaves_the_base_untouched() {
         let loss = loss_of(&model);
         last = loss.to_scalar::<f32>().unwrap();
         if step % 5 == 0 {
-            eprintln!(
-                "step {step}: loss {last:.4} ({:.2?} so far)",
-                start.elapsed()
-            );
+            eprintln!("step {step}: loss {last:.4} ({:.2?} so far)", start.elapsed());
         }
         opt.backward_step(&loss).unwrap();
     }

@@ -32,11 +32,8 @@ fn fresh_adapters_leave_the_output_exactly_unchanged() {
     let mut model = ToyModel::new(&DIMS, 1, DType::F32);
     let x = input(DType::F32, 2);
     let before = model.forward(&x).unwrap();
-    let config = LoraConfig::new(4, 8.0).with_targets(vec![
-        Target::hiera_qv(),
-        Target::hiera_attn_proj(),
-        Target::hiera_mlp(),
-    ]);
+    let config =
+        LoraConfig::new(4, 8.0).with_targets(vec![Target::hiera_qv(), Target::hiera_attn_proj(), Target::hiera_mlp()]);
     let lora = Lora::attach(&mut model, config).unwrap();
     assert_eq!(lora.layers().len(), 4 * 4);
     let after = model.forward(&x).unwrap();
@@ -60,12 +57,7 @@ fn initialisation_is_reproducible_by_seed() {
         let mut model = ToyModel::new(&DIMS, 1, DType::F32);
         let lora = Lora::attach(&mut model, LoraConfig::new(2, 2.0).with_seed(seed)).unwrap();
         lora.adapters()
-            .flat_map(|a| {
-                a.chunks()
-                    .iter()
-                    .map(|c| values(c.a.as_tensor()))
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|a| a.chunks().iter().map(|c| values(c.a.as_tensor())).collect::<Vec<_>>())
             .collect::<Vec<_>>()
     };
     assert_eq!(a_of(5), a_of(5));
@@ -87,10 +79,7 @@ fn qv_targets_change_q_and_v_rows_only_including_width_changes() {
         let delta = (layer.forward(&x).unwrap() - layer.forward_base(&x).unwrap()).unwrap();
         let part = |c: usize| values(&delta.narrow(2, c * dim_out, dim_out).unwrap());
         assert!(part(0).iter().any(|&v| v != 0.0), "block {i}: q unchanged");
-        assert!(
-            part(1).iter().all(|&v| v == 0.0),
-            "block {i}: k must not change"
-        );
+        assert!(part(1).iter().all(|&v| v == 0.0), "block {i}: k must not change");
         assert!(part(2).iter().any(|&v| v != 0.0), "block {i}: v unchanged");
     }
 }
@@ -100,8 +89,7 @@ fn merge_matches_the_adapted_model_and_unmerge_restores_exactly() {
     let mut model = ToyModel::new(&DIMS, 1, DType::F32);
     let original = snapshot(&model.weights());
     let x = input(DType::F32, 2);
-    let config =
-        LoraConfig::new(4, 8.0).with_targets(vec![Target::hiera_qv(), Target::hiera_mlp()]);
+    let config = LoraConfig::new(4, 8.0).with_targets(vec![Target::hiera_qv(), Target::hiera_mlp()]);
     let mut lora = Lora::attach(&mut model, config).unwrap();
     randomise_b(&lora, 4, 0.3);
     let adapted = model.forward(&x).unwrap();
@@ -114,17 +102,11 @@ fn merge_matches_the_adapted_model_and_unmerge_restores_exactly() {
 
     lora.merge(&mut model).unwrap();
     assert!(lora.is_merged());
-    assert!(model
-        .adaptable_linears_mut()
-        .iter()
-        .all(|(_, l)| l.adapter().is_none()));
+    assert!(model.adaptable_linears_mut().iter().all(|(_, l)| l.adapter().is_none()));
     let merged = model.forward(&x).unwrap();
     let err = max_abs_diff(&merged, &adapted);
     assert!(err < 1e-5, "merged vs adapted: {err}");
-    assert!(matches!(
-        lora.merge(&mut model),
-        Err(LoraError::AlreadyMerged)
-    ));
+    assert!(matches!(lora.merge(&mut model), Err(LoraError::AlreadyMerged)));
 
     lora.unmerge(&mut model).unwrap();
     assert_eq!(
@@ -133,19 +115,13 @@ fn merge_matches_the_adapted_model_and_unmerge_restores_exactly() {
         "unmerge must restore the exact base weights"
     );
     assert_bit_identical(&model.forward(&x).unwrap(), &adapted, "after unmerge");
-    assert!(matches!(
-        lora.unmerge(&mut model),
-        Err(LoraError::NotMerged)
-    ));
+    assert!(matches!(lora.unmerge(&mut model), Err(LoraError::NotMerged)));
 
     // Merge, then detach: back to the plain base model.
     lora.merge(&mut model).unwrap();
     lora.detach(&mut model).unwrap();
     assert_eq!(snapshot(&model.weights()), original);
-    assert!(model
-        .adaptable_linears_mut()
-        .iter()
-        .all(|(_, l)| l.adapter().is_none()));
+    assert!(model.adaptable_linears_mut().iter().all(|(_, l)| l.adapter().is_none()));
     assert_bit_identical(&model.forward(&x).unwrap(), &base_out, "after detach");
 }
 
@@ -172,10 +148,7 @@ fn attaching_twice_or_matching_nothing_are_errors() {
         Err(LoraError::InvalidConfig(_))
     ));
     // A failed attach leaves the model without adapters.
-    assert!(fresh
-        .adaptable_linears_mut()
-        .iter()
-        .all(|(_, l)| l.adapter().is_none()));
+    assert!(fresh.adaptable_linears_mut().iter().all(|(_, l)| l.adapter().is_none()));
 }
 
 #[test]
@@ -186,11 +159,7 @@ fn dropout_acts_in_training_mode_only() {
     let x = input(DType::F32, 2);
     assert!(!lora.is_train());
     let eval1 = values(&model.forward(&x).unwrap());
-    assert_eq!(
-        eval1,
-        values(&model.forward(&x).unwrap()),
-        "eval mode is deterministic"
-    );
+    assert_eq!(eval1, values(&model.forward(&x).unwrap()), "eval mode is deterministic");
     lora.set_train(true);
     let t1 = values(&model.forward(&x).unwrap());
     let t2 = values(&model.forward(&x).unwrap());
@@ -203,8 +172,7 @@ fn dropout_acts_in_training_mode_only() {
 #[test]
 fn gradients_match_finite_differences_on_a_linear_stack() {
     let mut model = ToyModel::new(&DIMS, 1, DType::F64);
-    let config =
-        LoraConfig::new(2, 4.0).with_targets(vec![Target::hiera_qv(), Target::hiera_mlp()]);
+    let config = LoraConfig::new(2, 4.0).with_targets(vec![Target::hiera_qv(), Target::hiera_mlp()]);
     let lora = Lora::attach(&mut model, config).unwrap();
     lora.set_train(true);
     // With B = 0 the gradient of A is exactly 0; give B values so both are tested.
@@ -249,8 +217,7 @@ fn training_lowers_the_loss_and_leaves_the_base_untouched() {
     // The target: another model's output (a different base), so a fit is possible only
     // through the adapters.
     let target = ToyModel::new(&DIMS, 2, DType::F32).forward(&x).unwrap();
-    let config =
-        LoraConfig::new(4, 8.0).with_targets(vec![Target::hiera_qv(), Target::hiera_mlp()]);
+    let config = LoraConfig::new(4, 8.0).with_targets(vec![Target::hiera_qv(), Target::hiera_mlp()]);
     let lora = Lora::attach(&mut model, config).unwrap();
     lora.set_train(true);
     let mut opt = candle_nn::AdamW::new(
@@ -297,18 +264,11 @@ fn count_trainable_matches_an_attached_model() {
     for targets in [
         vec![Target::hiera_qv()],
         vec![Target::hiera_qkv()],
-        vec![
-            Target::hiera_qv(),
-            Target::hiera_attn_proj(),
-            Target::hiera_mlp(),
-        ],
+        vec![Target::hiera_qv(), Target::hiera_attn_proj(), Target::hiera_mlp()],
     ] {
         let config = LoraConfig::new(4, 4.0).with_targets(targets);
         let lora = Lora::attach(&mut model, config.clone()).unwrap();
-        assert_eq!(
-            lora.num_trainable_params(),
-            count_trainable(&dims, &config).unwrap()
-        );
+        assert_eq!(lora.num_trainable_params(), count_trainable(&dims, &config).unwrap());
         lora.detach(&mut model).unwrap();
     }
 }

@@ -39,28 +39,16 @@ fn round_trip_restores_the_adapted_model() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(
-        entries,
-        vec![std::ffi::OsString::from("adapters.safetensors")]
-    );
+    assert_eq!(entries, vec![std::ffi::OsString::from("adapters.safetensors")]);
 
     let info = read_info(&path).unwrap();
     assert_eq!(info.config, *lora.config());
-    assert_eq!(
-        info.config.targets[0].to_string(),
-        "**.trunk.blocks.*.attn.qkv[0,2/3]"
-    );
+    assert_eq!(info.config.targets[0].to_string(), "**.trunk.blocks.*.attn.qkv[0,2/3]");
     assert_eq!(info.base_model_id, "toy-base");
     assert_eq!(info.base_hash, lora.base_hash());
     assert!(info.base_hash.starts_with("sha256:"));
     let paths: Vec<_> = info.layers.iter().map(|l| l.path.as_str()).collect();
-    assert_eq!(
-        paths,
-        lora.layers()
-            .iter()
-            .map(|l| l.path.as_str())
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(paths, lora.layers().iter().map(|l| l.path.as_str()).collect::<Vec<_>>());
     assert_eq!(info.layers.len(), 6);
 
     let mut fresh = ToyModel::new(&DIMS, 1, DType::F32);
@@ -77,11 +65,7 @@ fn round_trip_restores_the_adapted_model() {
     merged.save(&path2, "toy-base").unwrap();
     let mut third = ToyModel::new(&DIMS, 1, DType::F32);
     Lora::load(&path2, &mut third).unwrap();
-    assert_bit_identical(
-        &third.forward(&x).unwrap(),
-        &adapted,
-        "saved while merged, loaded",
-    );
+    assert_bit_identical(&third.forward(&x).unwrap(), &adapted, "saved while merged, loaded");
 }
 
 #[test]
@@ -95,10 +79,7 @@ fn loading_onto_another_base_is_a_clear_error() {
     let mut other = ToyModel::new(&DIMS, 2, DType::F32);
     let err = Lora::load(&path, &mut other).unwrap_err();
     assert!(matches!(err, LoraError::BaseMismatch { .. }), "{err}");
-    assert!(other
-        .adaptable_linears_mut()
-        .iter()
-        .all(|(_, l)| l.adapter().is_none()));
+    assert!(other.adaptable_linears_mut().iter().all(|(_, l)| l.adapter().is_none()));
 
     // One targeted weight nudged by one ulp is another base too.
     let mut nudged = ToyModel::new(&DIMS, 1, DType::F32);
@@ -158,10 +139,7 @@ fn broken_files_are_errors_not_panics() {
     let plain = dir.path().join("plain.safetensors");
     let t = Tensor::zeros((2, 2), DType::F32, &candle_core::Device::Cpu).unwrap();
     candle_core::safetensors::save(&[("x", t)].into_iter().collect(), &plain).unwrap();
-    assert!(matches!(
-        Lora::load(&plain, &mut base),
-        Err(LoraError::BadMetadata(_))
-    ));
+    assert!(matches!(Lora::load(&plain, &mut base), Err(LoraError::BadMetadata(_))));
 
     // A tensor of the wrong shape, and a missing one, under valid metadata.
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -181,8 +159,7 @@ fn broken_files_are_errors_not_panics() {
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let write = |ts: &[(String, Tensor)], name: &str| {
         let p = dir.path().join(name);
-        let data =
-            safetensors::serialize(ts.iter().map(|(n, t)| (n.as_str(), t)), meta.clone()).unwrap();
+        let data = safetensors::serialize(ts.iter().map(|(n, t)| (n.as_str(), t)), meta.clone()).unwrap();
         std::fs::write(&p, data).unwrap();
         p
     };
@@ -201,10 +178,7 @@ fn broken_files_are_errors_not_panics() {
     let err = Lora::load(write(&extra, "extra.safetensors"), &mut base).unwrap_err();
     assert!(matches!(err, LoraError::UnexpectedTensor(_)), "{err}");
     // None of the failures attached anything.
-    assert!(base
-        .adaptable_linears_mut()
-        .iter()
-        .all(|(_, l)| l.adapter().is_none()));
+    assert!(base.adaptable_linears_mut().iter().all(|(_, l)| l.adapter().is_none()));
     // And the intact file still loads.
     Lora::load(write(&tensors, "intact.safetensors"), &mut base).unwrap();
 }

@@ -26,7 +26,11 @@ pub struct AdaptableLinear {
 
 impl AdaptableLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, adapter: None }
+        Self {
+            weight,
+            bias,
+            adapter: None,
+        }
     }
 
     /// Loads `weight` [out,in] and `bias` [out] like `nn.Linear(in, out)`.

@@ -240,8 +240,9 @@ impl Sam2Config {
     pub fn from_text(text: &str) -> Result<Self> {
         let value: serde_json::Value = match serde_json::from_str(text) {
             Ok(v) => v,
-            Err(_) => serde_yaml_ng::from_str(text)
-                .map_err(|e| Error::Config(format!("neither JSON nor yaml: {e}")))?,
+            Err(_) => {
+                serde_yaml_ng::from_str(text).map_err(|e| Error::Config(format!("neither JSON nor yaml: {e}")))?
+            }
         };
         Self::from_value(value)
     }
@@ -249,9 +250,7 @@ impl Sam2Config {
     /// Builds the config from a parsed tree (bare `model:` node or a file with `model:`).
     pub fn from_value(value: serde_json::Value) -> Result<Self> {
         let node = match value {
-            serde_json::Value::Object(mut m)
-                if m.contains_key("model") && !m.contains_key("image_encoder") =>
-            {
+            serde_json::Value::Object(mut m) if m.contains_key("model") && !m.contains_key("image_encoder") => {
                 m.remove("model").unwrap_or_default()
             }
             v => v,
@@ -450,11 +449,7 @@ impl Sam2Config {
             ));
         }
         let neck = &self.image_encoder.neck;
-        let expected_levels = if t.return_interm_layers {
-            t.stages.len()
-        } else {
-            1
-        };
+        let expected_levels = if t.return_interm_layers { t.stages.len() } else { 1 };
         if neck.backbone_channel_list.len() != expected_levels {
             return Err(Error::Config(format!(
                 "neck.backbone_channel_list has {} entries but the trunk returns {expected_levels} levels",
@@ -474,18 +469,12 @@ impl Sam2Config {
             )));
         }
         if neck.position_encoding.num_pos_feats % 2 != 0 {
-            return Err(Error::Config(
-                "position_encoding.num_pos_feats must be even".into(),
-            ));
+            return Err(Error::Config("position_encoding.num_pos_feats must be even".into()));
         }
         if self.image_encoder.scalp >= neck.backbone_channel_list.len() {
-            return Err(Error::Config(
-                "image_encoder.scalp removes every feature level".into(),
-            ));
+            return Err(Error::Config("image_encoder.scalp removes every feature level".into()));
         }
-        if self.use_high_res_features_in_sam
-            && neck.backbone_channel_list.len() - self.image_encoder.scalp < 3
-        {
+        if self.use_high_res_features_in_sam && neck.backbone_channel_list.len() - self.image_encoder.scalp < 3 {
             return Err(Error::Config(
                 "use_high_res_features_in_sam needs 3 feature levels after scalp".into(),
             ));
@@ -514,10 +503,7 @@ impl std::str::FromStr for Sam2Config {
 }
 
 fn unknown_preset(name: &str) -> Error {
-    Error::Config(format!(
-        "unknown preset {name:?}; known: {}",
-        PRESET_NAMES.join(", ")
-    ))
+    Error::Config(format!("unknown preset {name:?}; known: {}", PRESET_NAMES.join(", ")))
 }
 
 #[cfg(test)]
@@ -533,10 +519,7 @@ mod tests {
         }
         let l = Sam2Config::preset("sam2.1_hiera_l").unwrap();
         assert_eq!(l.image_encoder.trunk.window_spec, vec![8, 4, 16, 8]);
-        assert_eq!(
-            l.image_encoder.neck.backbone_channel_list,
-            vec![1152, 576, 288, 144]
-        );
+        assert_eq!(l.image_encoder.neck.backbone_channel_list, vec![1152, 576, 288, 144]);
         assert!(l.no_obj_embed_spatial && l.proj_tpos_enc_in_obj_ptrs);
         let v2 = Sam2Config::preset("sam2_hiera_b+").unwrap();
         assert!(!v2.no_obj_embed_spatial && !v2.add_tpos_enc_to_obj_ptrs);
@@ -568,10 +551,7 @@ model:
         assert!(c.add_tpos_enc_to_obj_ptrs);
         assert_eq!(c.image_encoder.trunk.window_spec, vec![8, 4, 14, 7]);
         let real = c.with_real_use_settings();
-        assert!(
-            real.mask_decoder_extra_args()
-                .dynamic_multimask_via_stability
-        );
+        assert!(real.mask_decoder_extra_args().dynamic_multimask_via_stability);
         assert_eq!(real.fill_hole_area, 8);
     }
 

@@ -21,13 +21,7 @@ pub struct MultiScaleAttention {
 }
 
 impl MultiScaleAttention {
-    fn new(
-        dim: usize,
-        dim_out: usize,
-        num_heads: usize,
-        q_stride: Option<[usize; 2]>,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    fn new(dim: usize, dim_out: usize, num_heads: usize, q_stride: Option<[usize; 2]>, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             qkv: AdaptableLinear::load(dim, dim_out * 3, true, vb.pp("qkv"))?,
             proj: AdaptableLinear::load(dim_out, dim_out, true, vb.pp("proj"))?,
@@ -108,12 +102,7 @@ pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize)
 }
 
 /// Inverse of [`window_partition`], cropping the padding away.
-pub fn window_unpartition(
-    windows: &Tensor,
-    ws: usize,
-    pad_hw: (usize, usize),
-    hw: (usize, usize),
-) -> Result<Tensor> {
+pub fn window_unpartition(windows: &Tensor, ws: usize, pad_hw: (usize, usize), hw: (usize, usize)) -> Result<Tensor> {
     let (hp, wp) = pad_hw;
     let (h, w) = hw;
     let (nwin, _, _, c) = windows.dims4()?;
@@ -259,8 +248,7 @@ impl Hiera {
             stride: 4,
             ..Default::default()
         };
-        let patch_embed =
-            candle_nn::conv2d(3, embed0, 7, conv_cfg, vb.pp("patch_embed").pp("proj"))?;
+        let patch_embed = candle_nn::conv2d(3, embed0, 7, conv_cfg, vb.pp("patch_embed").pp("proj"))?;
         let [bh, bw] = cfg.window_pos_embed_bkg_spatial_size;
         let pos_embed = vb.get((1, embed0, bh, bw), "pos_embed")?;
         let w0 = cfg.window_spec[0];
@@ -296,9 +284,7 @@ impl Hiera {
             }
             let q_stride = q_pool_blocks.contains(&i).then_some(cfg.q_stride);
             if dim_out % num_heads != 0 {
-                candle_core::bail!(
-                    "hiera block {i}: dim {dim_out} not divisible by {num_heads} heads"
-                );
+                candle_core::bail!("hiera block {i}: dim {dim_out} not divisible by {num_heads} heads");
             }
             blocks.push(MultiScaleBlock::new(
                 embed_dim,
@@ -312,11 +298,7 @@ impl Hiera {
             embed_dim = dim_out;
         }
         let channel_list = if cfg.return_interm_layers {
-            stage_ends
-                .iter()
-                .rev()
-                .map(|&i| blocks[i].dim_out)
-                .collect()
+            stage_ends.iter().rev().map(|&i| blocks[i].dim_out).collect()
         } else {
             vec![blocks[depth - 1].dim_out]
         };
@@ -341,9 +323,7 @@ impl Hiera {
         let pe = resize_bicubic(&self.pos_embed, h, w)?;
         let (_, _, wh, ww) = self.pos_embed_window.dims4()?;
         if h % wh != 0 || w % ww != 0 {
-            candle_core::bail!(
-                "patch grid {h}x{w} is not a multiple of the window embedding {wh}x{ww}"
-            );
+            candle_core::bail!("patch grid {h}x{w} is not a multiple of the window embedding {wh}x{ww}");
         }
         let win = self.pos_embed_window.repeat((1, 1, h / wh, w / ww))?;
         (pe + win)?.permute((0, 2, 3, 1))
@@ -411,35 +391,11 @@ mod tests {
         assert_eq!(pad, (12, 8));
         assert_eq!(w.dims(), &[2 * 3 * 2, 4, 4, 3]);
         // Window (b=0, row 0, col 1) starts at pixel (0, 4).
-        let v: Vec<f32> = w
-            .get(1)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let want: Vec<f32> = x
-            .get(0)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(4)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let v: Vec<f32> = w.get(1).unwrap().get(0).unwrap().get(0).unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = x.get(0).unwrap().get(0).unwrap().get(4).unwrap().to_vec1().unwrap();
         assert_eq!(v, want);
         // The last window of a row holds padding zeros beyond column 7.
-        let pad_px: Vec<f32> = w
-            .get(1)
-            .unwrap()
-            .get(0)
-            .unwrap()
-            .get(3)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let pad_px: Vec<f32> = w.get(1).unwrap().get(0).unwrap().get(3).unwrap().to_vec1().unwrap();
         assert_eq!(pad_px, vec![0.0; 3]);
         let back = window_unpartition(&w, 4, pad, (10, 7)).unwrap();
         let diff = (back - &x)

@@ -39,9 +39,7 @@ impl ImageEncoder {
             )));
         }
         if cfg.scalp >= neck.backbone_channel_list.len() {
-            return Err(crate::Error::Config(
-                "image_encoder.scalp removes every level".into(),
-            ));
+            return Err(crate::Error::Config("image_encoder.scalp removes every level".into()));
         }
         Ok(Self {
             trunk,

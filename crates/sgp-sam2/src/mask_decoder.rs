@@ -29,7 +29,10 @@ pub struct ConvTranspose2x2 {
 
 impl ConvTranspose2x2 {
     pub fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get((c_in, c_out, 2, 2), "weight")?, bias: vb.get(c_out, "bias")? })
+        Ok(Self {
+            weight: vb.get((c_in, c_out, 2, 2), "weight")?,
+            bias: vb.get(c_out, "bias")?,
+        })
     }
 }
 
@@ -159,8 +162,11 @@ impl MaskDecoder {
         )?;
         let iou_token = vb.get((1, c), "iou_token.weight")?;
         let mask_tokens = vb.get((num_mask_tokens, c), "mask_tokens.weight")?;
-        let obj_score_token =
-            if cfg.pred_obj_scores { Some(vb.get((1, c), "obj_score_token.weight")?) } else { None };
+        let obj_score_token = if cfg.pred_obj_scores {
+            Some(vb.get((1, c), "obj_score_token.weight")?)
+        } else {
+            None
+        };
         let up = vb.pp("output_upscaling");
         let upscale_conv1 = ConvTranspose2x2::new(c, c / 4, up.pp("0"))?;
         let upscale_norm = LayerNorm2d::new(c / 4, 1e-6, up.pp("1"))?;
@@ -175,7 +181,15 @@ impl MaskDecoder {
         };
         let output_hypernetworks_mlps = (0..num_mask_tokens)
             .map(|i| {
-                Mlp::new(c, c, c / 8, 3, Activation::Relu, false, vb.pp(format!("output_hypernetworks_mlps.{i}")))
+                Mlp::new(
+                    c,
+                    c,
+                    c / 8,
+                    3,
+                    Activation::Relu,
+                    false,
+                    vb.pp(format!("output_hypernetworks_mlps.{i}")),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let iou_prediction_head = Mlp::new(
@@ -190,9 +204,22 @@ impl MaskDecoder {
         let pred_obj_score_head = if !cfg.pred_obj_scores {
             None
         } else if cfg.pred_obj_scores_mlp {
-            Some(ObjScoreHead::Mlp(Mlp::new(c, c, 1, 3, Activation::Relu, false, vb.pp("pred_obj_score_head"))?))
+            Some(ObjScoreHead::Mlp(Mlp::new(
+                c,
+                c,
+                1,
+                3,
+                Activation::Relu,
+                false,
+                vb.pp("pred_obj_score_head"),
+            )?))
         } else {
-            Some(ObjScoreHead::Linear(AdaptableLinear::load(c, 1, true, vb.pp("pred_obj_score_head"))?))
+            Some(ObjScoreHead::Linear(AdaptableLinear::load(
+                c,
+                1,
+                true,
+                vb.pp("pred_obj_score_head"),
+            )?))
         };
         Ok(Self {
             cfg: cfg.clone(),
@@ -325,7 +352,11 @@ impl MaskDecoder {
             candle_core::bail!(
                 "mask decoder: use_high_res_features is {} but high-res features were {}",
                 self.cfg.use_high_res_features,
-                if high_res_features.is_some() { "given" } else { "not given" }
+                if high_res_features.is_some() {
+                    "given"
+                } else {
+                    "not given"
+                }
             );
         }
         let (masks, iou_pred, mask_tokens_out, object_score_logits) = self.predict_masks(
@@ -350,7 +381,12 @@ impl MaskDecoder {
             // The single-mask token is the object-memory token, also after multimask output.
             mask_tokens_out.narrow(1, 0, 1)?
         };
-        Ok(MaskDecoderOutput { masks, iou_pred, sam_tokens_out, object_score_logits })
+        Ok(MaskDecoderOutput {
+            masks,
+            iou_pred,
+            sam_tokens_out,
+            object_score_logits,
+        })
     }
 
     /// Stability of single-mask logits `[B, 1, H, W]`: area(>δ) / area(>-δ), 1 if empty.
@@ -366,11 +402,7 @@ impl MaskDecoder {
 
     /// When the single-mask output is unstable, fall back to the multimask output with the
     /// highest predicted IoU (per batch item).
-    pub fn dynamic_multimask_via_stability(
-        &self,
-        all_masks: &Tensor,
-        all_ious: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    pub fn dynamic_multimask_via_stability(&self, all_masks: &Tensor, all_ious: &Tensor) -> Result<(Tensor, Tensor)> {
         let nm = self.num_mask_tokens();
         let b = all_masks.dim(0)?;
         let multi_ious = all_ious.narrow(1, 1, nm - 1)?;
@@ -395,7 +427,10 @@ impl MaskDecoder {
         for (i, m) in self.output_hypernetworks_mlps.iter_mut().enumerate() {
             v.extend(m.linears_mut(&format!("{prefix}.output_hypernetworks_mlps.{i}")));
         }
-        v.extend(self.iou_prediction_head.linears_mut(&format!("{prefix}.iou_prediction_head")));
+        v.extend(
+            self.iou_prediction_head
+                .linears_mut(&format!("{prefix}.iou_prediction_head")),
+        );
         match &mut self.pred_obj_score_head {
             Some(ObjScoreHead::Linear(l)) => v.push((format!("{prefix}.pred_obj_score_head"), l)),
             Some(ObjScoreHead::Mlp(m)) => v.extend(m.linears_mut(&format!("{prefix}.pred_obj_score_head"))),

@@ -145,7 +145,6 @@ pub struct RoPEAttention {
     pub rope_k_repeat: bool,
 }
 
-
 impl RoPEAttention {
     pub fn new(cfg: &AttentionConfig, vb: VarBuilder) -> Result<Self> {
         let internal_dim = cfg.embedding_dim / cfg.downsample_rate.max(1);
@@ -168,7 +167,9 @@ impl RoPEAttention {
 
     fn separate_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
-        x.reshape((b, n, self.num_heads, c / self.num_heads))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, n, self.num_heads, c / self.num_heads))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// `q` [B,Nq,C], `k`/`v` [B,Nk,kv_in]; the last `num_k_exclude_rope` keys (object
@@ -268,12 +269,24 @@ impl MemoryAttentionLayer {
     ) -> Result<Tensor> {
         // Self-attention.
         let t2 = self.norm1.forward(tgt)?;
-        let qk = if self.pos_enc_at_attn { (&t2 + query_pos)? } else { t2.clone() };
+        let qk = if self.pos_enc_at_attn {
+            (&t2 + query_pos)?
+        } else {
+            t2.clone()
+        };
         let tgt = (tgt + self.self_attn.forward(&qk, &qk, &t2, 0)?)?;
         // Cross-attention to the memory.
         let t2 = self.norm2.forward(&tgt)?;
-        let q = if self.pos_enc_at_cross_attn_queries { (&t2 + query_pos)? } else { t2 };
-        let k = if self.pos_enc_at_cross_attn_keys { (memory + pos)? } else { memory.clone() };
+        let q = if self.pos_enc_at_cross_attn_queries {
+            (&t2 + query_pos)?
+        } else {
+            t2
+        };
+        let k = if self.pos_enc_at_cross_attn_keys {
+            (memory + pos)?
+        } else {
+            memory.clone()
+        };
         let tgt = (&tgt + self.cross_attn_image.forward(&q, &k, memory, num_k_exclude_rope)?)?;
         // MLP.
         let t2 = self.linear1.forward(&self.norm3.forward(&tgt)?)?;
@@ -326,7 +339,11 @@ impl MemoryAttention {
                 memory.dim(1)?
             );
         }
-        let mut out = if self.pos_enc_at_input { (curr + (curr_pos * 0.1)?)? } else { curr.clone() };
+        let mut out = if self.pos_enc_at_input {
+            (curr + (curr_pos * 0.1)?)?
+        } else {
+            curr.clone()
+        };
         out = out.transpose(0, 1)?.contiguous()?;
         let curr_pos = curr_pos.transpose(0, 1)?.contiguous()?;
         let memory = memory.transpose(0, 1)?.contiguous()?;
@@ -341,7 +358,10 @@ impl MemoryAttention {
     pub fn adaptable_linears_mut(&mut self) -> Vec<(String, &mut AdaptableLinear)> {
         let mut v = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            for (name, attn) in [("self_attn", &mut l.self_attn), ("cross_attn_image", &mut l.cross_attn_image)] {
+            for (name, attn) in [
+                ("self_attn", &mut l.self_attn),
+                ("cross_attn_image", &mut l.cross_attn_image),
+            ] {
                 v.push((format!("layers.{i}.{name}.q_proj"), &mut attn.q_proj));
                 v.push((format!("layers.{i}.{name}.k_proj"), &mut attn.k_proj));
                 v.push((format!("layers.{i}.{name}.v_proj"), &mut attn.v_proj));
@@ -394,7 +414,8 @@ mod tests {
         let m = MemoryAttention::new(&cfg, vb).unwrap();
         for v in vm.all_vars() {
             let t = v.as_tensor();
-            v.set(&(Tensor::randn(0f32, 0.3, t.shape(), t.device()).unwrap() + 1.0).unwrap()).unwrap();
+            v.set(&(Tensor::randn(0f32, 0.3, t.shape(), t.device()).unwrap() + 1.0).unwrap())
+                .unwrap();
         }
         (m, vm)
     }
@@ -412,16 +433,35 @@ mod tests {
         let memory = Tensor::randn(0f32, 1.0, (10, 1, 8), &dev)?;
         let memory_pos = Tensor::randn(0f32, 1.0, (10, 1, 8), &dev)?;
         let r = Tensor::randn(0f32, 1.0, (4, 1, 16), &dev)?;
-        let loss = |c: &Tensor| -> Result<Tensor> { (m.forward(c, &curr_pos, &memory, &memory_pos, 2)? * &r)?.sum_all() };
+        let loss =
+            |c: &Tensor| -> Result<Tensor> { (m.forward(c, &curr_pos, &memory, &memory_pos, 2)? * &r)?.sum_all() };
         let tracked = loss(curr.as_tensor())?;
         let fast = loss(&curr.as_tensor().detach())?;
         let d = (tracked.to_scalar::<f32>()? - fast.to_scalar::<f32>()?).abs();
-        assert!(d <= 1e-4 * fast.to_scalar::<f32>()?.abs().max(1.0), "paths differ by {d}");
+        assert!(
+            d <= 1e-4 * fast.to_scalar::<f32>()?.abs().max(1.0),
+            "paths differ by {d}"
+        );
 
         let grads = tracked.backward()?;
-        let g = grads.get(curr.as_tensor()).expect("grad of curr").flatten_all()?.to_vec1::<f32>()?;
-        let q_w = vm.data().lock().unwrap().get("layers.0.self_attn.q_proj.weight").unwrap().clone();
-        let gq = grads.get(q_w.as_tensor()).expect("grad of q_proj").abs()?.sum_all()?.to_scalar::<f32>()?;
+        let g = grads
+            .get(curr.as_tensor())
+            .expect("grad of curr")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let q_w = vm
+            .data()
+            .lock()
+            .unwrap()
+            .get("layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .clone();
+        let gq = grads
+            .get(q_w.as_tensor())
+            .expect("grad of q_proj")
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         assert!(gq > 0.0, "no gradient reached the self-attention q projection");
 
         let base = curr.as_tensor().detach().flatten_all()?.to_vec1::<f32>()?;
@@ -434,7 +474,11 @@ mod tests {
             let lp = loss(&Tensor::from_vec(plus, (4, 1, 16), &dev)?)?.to_scalar::<f32>()?;
             let lm = loss(&Tensor::from_vec(minus, (4, 1, 16), &dev)?)?.to_scalar::<f32>()?;
             let fd = (lp - lm) / (2.0 * eps);
-            assert!((fd - g[i]).abs() <= 0.02 * fd.abs().max(1.0), "element {i}: fd {fd} vs grad {}", g[i]);
+            assert!(
+                (fd - g[i]).abs() <= 0.02 * fd.abs().max(1.0),
+                "element {i}: fd {fd} vs grad {}",
+                g[i]
+            );
         }
         Ok(())
     }

@@ -113,22 +113,52 @@ fn default_out_dim() -> usize {
     64
 }
 fn official_mask_downsampler() -> MaskDownSamplerConfig {
-    MaskDownSamplerConfig { embed_dim: 256, kernel_size: 3, stride: 2, padding: 1, total_stride: 16 }
+    MaskDownSamplerConfig {
+        embed_dim: 256,
+        kernel_size: 3,
+        stride: 2,
+        padding: 1,
+        total_stride: 16,
+    }
 }
 fn official_fuser() -> FuserConfig {
     FuserConfig {
-        layer: CXBlockConfig { dim: 256, kernel_size: 7, padding: 3, layer_scale_init_value: 1e-6, use_dwconv: true },
+        layer: CXBlockConfig {
+            dim: 256,
+            kernel_size: 7,
+            padding: 3,
+            layer_scale_init_value: 1e-6,
+            use_dwconv: true,
+        },
         num_layers: 2,
         dim: None,
         input_projection: false,
     }
 }
 fn official_position_encoding() -> PositionEmbeddingSineConfig {
-    PositionEmbeddingSineConfig { num_pos_feats: 64, temperature: 10000.0, normalize: true, scale: None }
+    PositionEmbeddingSineConfig {
+        num_pos_feats: 64,
+        temperature: 10000.0,
+        normalize: true,
+        scale: None,
+    }
 }
 
-fn conv(in_c: usize, out_c: usize, k: usize, stride: usize, padding: usize, groups: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, groups, ..Default::default() };
+fn conv(
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        groups,
+        ..Default::default()
+    };
     candle_nn::conv2d(in_c, out_c, k, cfg, vb)
 }
 
@@ -147,7 +177,11 @@ impl MaskDownSampler {
         }
         let num_layers = ((cfg.total_stride as f64).log2() / (cfg.stride as f64).log2()).floor() as u32;
         if cfg.stride.pow(num_layers) != cfg.total_stride {
-            candle_core::bail!("mask downsampler: total_stride {} is not a power of {}", cfg.total_stride, cfg.stride);
+            candle_core::bail!(
+                "mask downsampler: total_stride {} is not a power of {}",
+                cfg.total_stride,
+                cfg.stride
+            );
         }
         let vb = vb.pp("encoder");
         let mut stages = Vec::new();
@@ -193,7 +227,11 @@ impl CXBlock {
             norm: LayerNorm2d::new(d, 1e-6, vb.pp("norm"))?,
             pwconv1: AdaptableLinear::load(d, 4 * d, true, vb.pp("pwconv1"))?,
             pwconv2: AdaptableLinear::load(4 * d, d, true, vb.pp("pwconv2"))?,
-            gamma: if cfg.layer_scale_init_value > 0.0 { Some(vb.get(d, "gamma")?) } else { None },
+            gamma: if cfg.layer_scale_init_value > 0.0 {
+                Some(vb.get(d, "gamma")?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -221,7 +259,9 @@ pub struct Fuser {
 impl Fuser {
     pub fn new(cfg: &FuserConfig, vb: VarBuilder) -> Result<Self> {
         let proj = if cfg.input_projection {
-            let d = cfg.dim.ok_or_else(|| candle_core::Error::Msg("fuser: input_projection needs dim".into()))?;
+            let d = cfg
+                .dim
+                .ok_or_else(|| candle_core::Error::Msg("fuser: input_projection needs dim".into()))?;
             Some(conv(d, d, 1, 1, 0, 1, vb.pp("proj"))?)
         } else {
             None
@@ -288,7 +328,11 @@ impl MemoryEncoder {
     /// logits otherwise).
     pub fn forward(&self, pix_feat: &Tensor, masks: &Tensor, skip_mask_sigmoid: bool) -> Result<MemoryEncoderOutput> {
         let _span = tracing::debug_span!("memory_encoder").entered();
-        let masks = if skip_mask_sigmoid { masks.clone() } else { candle_nn::ops::sigmoid(masks)? };
+        let masks = if skip_mask_sigmoid {
+            masks.clone()
+        } else {
+            candle_nn::ops::sigmoid(masks)?
+        };
         let masks = self.mask_downsampler.forward(&masks)?;
         if masks.dims() != pix_feat.dims() {
             candle_core::bail!(
@@ -304,7 +348,10 @@ impl MemoryEncoder {
             None => x,
         };
         let pos = self.position_encoding.forward(&x)?;
-        Ok(MemoryEncoderOutput { vision_features: x, vision_pos_enc: pos })
+        Ok(MemoryEncoderOutput {
+            vision_features: x,
+            vision_pos_enc: pos,
+        })
     }
 
     /// Adaptable linear layers by checkpoint path relative to `memory_encoder`.

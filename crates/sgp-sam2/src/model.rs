@@ -116,15 +116,10 @@ impl Sam2Model {
         } else {
             None
         };
-        let memory_attention =
-            MemoryAttention::new(&config.memory_attention, vb.pp("memory_attention"))?;
+        let memory_attention = MemoryAttention::new(&config.memory_attention, vb.pp("memory_attention"))?;
         let memory_encoder = MemoryEncoder::new(&config.memory_encoder, vb.pp("memory_encoder"))?;
         let me = &config.memory_encoder;
-        let mem_dim = if me.out_dim != me.in_dim {
-            me.out_dim
-        } else {
-            c
-        };
+        let mem_dim = if me.out_dim != me.in_dim { me.out_dim } else { c };
         let maskmem_tpos_enc = vb.get((config.num_maskmem, 1, 1, mem_dim), "maskmem_tpos_enc")?;
         let no_mem_embed = vb.get((1, 1, c), "no_mem_embed")?;
         let no_mem_pos_enc = vb.get((1, 1, c), "no_mem_pos_enc")?;
@@ -135,12 +130,7 @@ impl Sam2Model {
         };
         let sam_heads = SamHeads::new(&config.sam_heads_config(), vb.clone())?;
         let obj_ptr_tpos_proj = if config.proj_tpos_enc_in_obj_ptrs {
-            Some(AdaptableLinear::load(
-                c,
-                mem_dim,
-                true,
-                vb.pp("obj_ptr_tpos_proj"),
-            )?)
+            Some(AdaptableLinear::load(c, mem_dim, true, vb.pp("obj_ptr_tpos_proj"))?)
         } else {
             None
         };
@@ -158,11 +148,7 @@ impl Sam2Model {
             mask_downsample,
             hidden_dim: c,
             mem_dim,
-            num_feature_levels: if config.use_high_res_features_in_sam {
-                3
-            } else {
-                1
-            },
+            num_feature_levels: if config.use_high_res_features_in_sam { 3 } else { 1 },
         })
     }
 
@@ -175,11 +161,7 @@ impl Sam2Model {
     }
 
     /// Builds from an already-read state dict; reports every key problem at once.
-    pub fn from_weights(
-        config: &Sam2Config,
-        weights: &StrictWeights,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn from_weights(config: &Sam2Config, weights: &StrictWeights, device: &Device) -> Result<Self> {
         let model = Self::new(config, weights.var_builder(DType::F32, device));
         weights.finish()?;
         model
@@ -219,12 +201,9 @@ impl Sam2Model {
         let n = out.backbone_fpn.len();
         let k = self.num_feature_levels;
         if n < k || out.vision_pos_enc.len() != n {
-            return Err(Error::Input(format!(
-                "backbone output has {n} levels, need {k}"
-            )));
+            return Err(Error::Input(format!("backbone output has {n} levels, need {k}")));
         }
-        let flat =
-            |x: &Tensor| -> candle_core::Result<Tensor> { x.flatten_from(2)?.permute((2, 0, 1)) };
+        let flat = |x: &Tensor| -> candle_core::Result<Tensor> { x.flatten_from(2)?.permute((2, 0, 1)) };
         let mut vision_feats = Vec::with_capacity(k);
         let mut vision_pos_embeds = Vec::with_capacity(k);
         let mut feat_sizes = Vec::with_capacity(k);
@@ -286,11 +265,7 @@ impl Sam2Model {
         }
         let s = self.config.image_size;
         let dev = self.device();
-        let x = image
-            .to_device(dev)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(0)?
-            .contiguous()?;
+        let x = image.to_device(dev)?.to_dtype(DType::F32)?.unsqueeze(0)?.contiguous()?;
         let x = if (h, w) == (s, s) {
             x
         } else {
@@ -308,12 +283,7 @@ impl Sam2Model {
     }
 
     /// `SAM2ImagePredictor.predict` for one image and one prompt set.
-    pub fn predict(
-        &self,
-        emb: &ImageEmbedding,
-        prompt: &PromptInput,
-        multimask: bool,
-    ) -> Result<Prediction> {
+    pub fn predict(&self, emb: &ImageEmbedding, prompt: &PromptInput, multimask: bool) -> Result<Prediction> {
         let _span = tracing::info_span!("predict").entered();
         let s = self.config.image_size as f32;
         let (oh, ow) = emb.orig_hw;
@@ -332,11 +302,7 @@ impl Sam2Model {
         }
         if let Some((pts, lbl)) = &prompt.points {
             if pts.len() != lbl.len() {
-                return Err(Error::Input(format!(
-                    "{} points but {} labels",
-                    pts.len(),
-                    lbl.len()
-                )));
+                return Err(Error::Input(format!("{} points but {} labels", pts.len(), lbl.len())));
             }
             for (p, &l) in pts.iter().zip(lbl) {
                 if !p[0].is_finite() || !p[1].is_finite() {
@@ -376,8 +342,7 @@ impl Sam2Model {
             }
             None => None,
         };
-        let (sparse, dense) =
-            pe.forward(points.as_ref().map(|(c, l)| (c, l)), None, mask.as_ref())?;
+        let (sparse, dense) = pe.forward(points.as_ref().map(|(c, l)| (c, l)), None, mask.as_ref())?;
         let high_res = emb.high_res_feats.as_ref().map(|(a, b)| (a, b));
         let dec = self.sam_heads.mask_decoder.forward(
             &emb.image_embed,
@@ -389,8 +354,7 @@ impl Sam2Model {
             high_res,
         )?;
         let low_res = dec.masks; // [1, N, S/4, S/4]
-        let mask_logits =
-            sgp_kernels::resize::bilinear(&low_res, oh, ow, false).map_err(kernel_err)?;
+        let mask_logits = sgp_kernels::resize::bilinear(&low_res, oh, ow, false).map_err(kernel_err)?;
         let mask_logits = mask_logits.squeeze(0)?;
         let masks = mask_logits.gt(0f32)?;
         let low_res_logits = low_res.clamp(-32f32, 32f32)?.squeeze(0)?;

@@ -51,11 +51,7 @@ impl FpnNeck {
         let interp = match cfg.fpn_interp_model.as_str() {
             "nearest" => Interp::Nearest,
             "bilinear" => Interp::Bilinear,
-            m => {
-                return Err(crate::Error::Config(format!(
-                    "unsupported fpn_interp_model {m:?}"
-                )))
-            }
+            m => return Err(crate::Error::Config(format!("unsupported fpn_interp_model {m:?}"))),
         };
         let average = match cfg.fuse_type.as_str() {
             "sum" => false,
@@ -81,11 +77,7 @@ impl FpnNeck {
     /// encodings), both highest resolution first.
     pub fn forward(&self, xs: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         if xs.len() != self.convs.len() {
-            candle_core::bail!(
-                "FpnNeck: {} trunk levels for {} convs",
-                xs.len(),
-                self.convs.len()
-            );
+            candle_core::bail!("FpnNeck: {} trunk levels for {} convs", xs.len(), self.convs.len());
         }
         let n = self.convs.len() - 1;
         let mut out: Vec<Option<Tensor>> = vec![None; n + 1];

@@ -47,17 +47,14 @@ impl Case {
             path: meta_path.clone(),
             source,
         })?;
-        let meta: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Parity(format!("{}: {e}", meta_path.display())))?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Parity(format!("{}: {e}", meta_path.display())))?;
         let kind = meta
             .get("kind")
             .and_then(|k| k.as_str())
             .ok_or_else(|| Error::Parity(format!("{}: no \"kind\"", meta_path.display())))?
             .to_string();
-        let rtol = meta
-            .get("rtol")
-            .and_then(|r| r.as_f64())
-            .unwrap_or(DEFAULT_RTOL);
+        let rtol = meta.get("rtol").and_then(|r| r.as_f64()).unwrap_or(DEFAULT_RTOL);
         let io_path = dir.join("io.safetensors");
         let io = crate::weights::load_state_dict(&io_path, device)?;
         let mut inputs = HashMap::new();
@@ -96,21 +93,20 @@ impl Case {
     pub fn bool_option(&self, key: &str) -> Result<Option<bool>> {
         match self.meta.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| {
-                Error::Parity(format!("case {}: {key} must be a boolean", self.name))
-            }),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| Error::Parity(format!("case {}: {key} must be a boolean", self.name))),
         }
     }
 
     pub fn usize_option(&self, key: &str) -> Result<Option<usize>> {
         match self.meta.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                Error::Parity(format!(
-                    "case {}: {key} must be a non-negative integer",
-                    self.name
-                ))
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| Error::Parity(format!("case {}: {key} must be a non-negative integer", self.name))),
         }
     }
 
@@ -145,9 +141,7 @@ pub fn load_case_model(case: &Case, device: &Device) -> Result<Sam2Model> {
             )?;
             Ok(loaded.model)
         }
-        other => Err(Error::Parity(format!(
-            "unsupported weights_format {other:?}"
-        ))),
+        other => Err(Error::Parity(format!("unsupported weights_format {other:?}"))),
     }
 }
 
@@ -198,17 +192,11 @@ pub fn image_encoder_outputs(model: &Sam2Model, case: &Case) -> Result<Vec<(Stri
 
 /// Kind `sam_heads`: `_forward_sam_heads` on the image-predictor features.
 pub fn sam_heads_outputs(model: &Sam2Model, case: &Case) -> Result<Vec<(String, Tensor)>> {
-    let multimask = case.bool_option("multimask_output")?.ok_or_else(|| {
-        Error::Parity(format!(
-            "case {}: sam_heads needs multimask_output",
-            case.name
-        ))
-    })?;
+    let multimask = case
+        .bool_option("multimask_output")?
+        .ok_or_else(|| Error::Parity(format!("case {}: sam_heads needs multimask_output", case.name)))?;
     let (pix, high_res) = model.image_features(case.input("image")?)?;
-    let points = match (
-        case.opt_input("point_coords"),
-        case.opt_input("point_labels"),
-    ) {
+    let points = match (case.opt_input("point_coords"), case.opt_input("point_labels")) {
         (Some(c), Some(l)) => Some(PointInputs {
             coords: c.clone(),
             labels: l.clone(),
@@ -222,13 +210,9 @@ pub fn sam_heads_outputs(model: &Sam2Model, case: &Case) -> Result<Vec<(String, 
         }
     };
     let hi = high_res.as_ref().map(|(a, b)| (a, b));
-    let o = model.sam_heads.forward(
-        &pix,
-        points.as_ref(),
-        case.opt_input("mask_inputs"),
-        hi,
-        multimask,
-    )?;
+    let o = model
+        .sam_heads
+        .forward(&pix, points.as_ref(), case.opt_input("mask_inputs"), hi, multimask)?;
     Ok(vec![
         ("low_res_multimasks".into(), o.low_res_multimasks),
         ("high_res_multimasks".into(), o.high_res_multimasks),
@@ -285,13 +269,7 @@ fn rel_l2(ours: &[f64], reference: &[f64]) -> f64 {
 
 /// Applies the pass rule: exact shape, all finite, relative L2 ≤ rtol overall and for
 /// each index of `item_dim`.
-pub fn compare(
-    name: &str,
-    ours: &Tensor,
-    reference: &Tensor,
-    rtol: f64,
-    item_dim: usize,
-) -> Result<TensorReport> {
+pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, rtol: f64, item_dim: usize) -> Result<TensorReport> {
     let fail = |note: String| TensorReport {
         name: name.to_string(),
         rel_err: f64::NAN,
@@ -355,10 +333,7 @@ const MAX_DEPTH: usize = 16;
 /// Finds every case folder (one holding `case.json`) under `dir`, sorted by name.
 pub fn discover_cases(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     if !dir.is_dir() {
-        return Err(Error::Parity(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
+        return Err(Error::Parity(format!("{} is not a directory", dir.display())));
     }
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -368,11 +343,7 @@ pub fn discover_cases(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
                 .strip_prefix(dir)
                 .map(|p| p.to_string_lossy().replace('\\', "/"))
                 .unwrap_or_default();
-            let name = if name.is_empty() {
-                ".".to_string()
-            } else {
-                name
-            };
+            let name = if name.is_empty() { ".".to_string() } else { name };
             found.push((name, d));
             continue;
         }
@@ -387,13 +358,7 @@ pub fn discover_cases(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
             })?;
             // `is_dir` follows symbolic links, so a folder of links to cases works.
             let path = e.path();
-            if path.is_dir()
-                && path
-                    .strip_prefix(dir)
-                    .map(|p| p.components().count())
-                    .unwrap_or(0)
-                    < MAX_DEPTH
-            {
+            if path.is_dir() && path.strip_prefix(dir).map(|p| p.components().count()).unwrap_or(0) < MAX_DEPTH {
                 stack.push(path);
             }
         }
@@ -484,12 +449,7 @@ pub fn run_dir(dir: &Path, save: Option<&Path>) -> Result<Summary> {
 }
 
 /// [`run_dir`] with a chosen device and line sink.
-pub fn run_dir_with(
-    dir: &Path,
-    save: Option<&Path>,
-    device: &Device,
-    log: &mut dyn FnMut(&str),
-) -> Result<Summary> {
+pub fn run_dir_with(dir: &Path, save: Option<&Path>, device: &Device, log: &mut dyn FnMut(&str)) -> Result<Summary> {
     let cases = discover_cases(dir)?;
     if cases.is_empty() {
         return Err(Error::Parity(format!(
@@ -502,11 +462,7 @@ pub fn run_dir_with(
         let report = run_case(&name, &path, save, device);
         for t in &report.tensors {
             let status = if t.passed { "ok  " } else { "FAIL" };
-            let note = t
-                .note
-                .as_deref()
-                .map(|n| format!("  ({n})"))
-                .unwrap_or_default();
+            let note = t.note.as_deref().map(|n| format!("  ({n})")).unwrap_or_default();
             log(&format!(
                 "{status} {name} {}: rel_err {:.3e} (worst item {:.3e}, rtol {:.0e}){note}",
                 t.name, t.rel_err, t.worst_item_err, report.rtol
@@ -524,9 +480,6 @@ pub fn run_dir_with(
         }
         summary.cases.push(report);
     }
-    log(&format!(
-        "{} passed, {} failed",
-        summary.passed, summary.failed
-    ));
+    log(&format!("{} passed, {} failed", summary.passed, summary.failed));
     Ok(summary)
 }

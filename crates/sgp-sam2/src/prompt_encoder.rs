@@ -114,7 +114,10 @@ impl PromptEncoder {
             .collect::<Result<Vec<_>>>()?;
         let not_a_point_embed = vb.get((1, embed_dim), "not_a_point_embed.weight")?;
         let no_mask_embed = vb.get((1, embed_dim), "no_mask_embed.weight")?;
-        let s2 = Conv2dConfig { stride: 2, ..Default::default() };
+        let s2 = Conv2dConfig {
+            stride: 2,
+            ..Default::default()
+        };
         let md = vb.pp("mask_downscaling");
         let q = mask_in_chans / 4;
         let mask_conv1 = candle_nn::conv2d(1, q, 2, s2, md.pp("0"))?;
@@ -171,11 +174,11 @@ impl PromptEncoder {
         };
         let pe = self.pe_layer.forward_with_coords(&points, self.input_image_size)?;
         let labels = labels.unsqueeze(D::Minus1)?; // [B, N', 1]
-        // Masks as 0/1 multipliers (exact, and differentiable, unlike index tricks).
+                                                   // Masks as 0/1 multipliers (exact, and differentiable, unlike index tricks).
         let is = |v: f32| -> Result<Tensor> { labels.eq(v)?.to_dtype(pe.dtype()) };
         let pad_m = is(LABEL_PADDING)?;
-        let mut emb = (pe.broadcast_mul(&(1.0 - &pad_m)?)?
-            + pad_m.broadcast_mul(&self.not_a_point_embed.unsqueeze(0)?)?)?;
+        let mut emb =
+            (pe.broadcast_mul(&(1.0 - &pad_m)?)? + pad_m.broadcast_mul(&self.not_a_point_embed.unsqueeze(0)?)?)?;
         for (k, w) in self.point_embeddings.iter().enumerate() {
             let m = is(k as f32)?;
             emb = (emb + m.broadcast_mul(&w.unsqueeze(0)?)?)?;

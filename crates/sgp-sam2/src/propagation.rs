@@ -47,7 +47,9 @@ impl std::str::FromStr for Direction {
             "forward" | "fwd" => Ok(Self::Forward),
             "backward" | "bwd" | "reverse" => Ok(Self::Backward),
             "both" | "bothways" | "both-ways" | "both_ways" => Ok(Self::BothWays),
-            other => Err(Error::Input(format!("unknown direction {other:?} (forward, backward, both)"))),
+            other => Err(Error::Input(format!(
+                "unknown direction {other:?} (forward, backward, both)"
+            ))),
         }
     }
 }
@@ -76,7 +78,9 @@ impl SliceSource for [Tensor] {
         self.len()
     }
     fn slice(&self, idx: usize) -> Result<Tensor> {
-        self.get(idx).cloned().ok_or_else(|| Error::Input(format!("slice {idx} out of range")))
+        self.get(idx)
+            .cloned()
+            .ok_or_else(|| Error::Input(format!("slice {idx} out of range")))
     }
 }
 
@@ -109,7 +113,10 @@ impl VolumeSlices {
             return Err(Error::Input(format!("slice axis must be 0, 1 or 2, got {axis}")));
         }
         if shape.iter().product::<usize>() != data.len() || shape.contains(&0) {
-            return Err(Error::Input(format!("volume shape {shape:?} does not match {} values", data.len())));
+            return Err(Error::Input(format!(
+                "volume shape {shape:?} does not match {} values",
+                data.len()
+            )));
         }
         Ok(Self { data, shape, axis })
     }
@@ -152,7 +159,10 @@ impl SliceSource for VolumeSlices {
 
     fn slice(&self, idx: usize) -> Result<Tensor> {
         if idx >= self.num_slices() {
-            return Err(Error::Input(format!("slice {idx} out of range ({} slices)", self.num_slices())));
+            return Err(Error::Input(format!(
+                "slice {idx} out of range ({} slices)",
+                self.num_slices()
+            )));
         }
         let (h, w) = self.slice_hw();
         let mut grey = Vec::with_capacity(h * w);
@@ -194,7 +204,12 @@ pub struct PolicyContext<'a> {
 /// eviction (SGP) implement the same trait.
 pub trait MemoryBankPolicy {
     /// The memories the current (non-prompted) slice attends to.
-    fn select<'b>(&mut self, model: &Sam2Model, ctx: &PolicyContext, bank: &'b MemoryBank) -> Result<MemorySelection<'b>>;
+    fn select<'b>(
+        &mut self,
+        model: &Sam2Model,
+        ctx: &PolicyContext,
+        bank: &'b MemoryBank,
+    ) -> Result<MemorySelection<'b>>;
 
     /// Called after a slice's output was stored in `bank` (with its pooled embedding and
     /// object score), so a policy can keep its own statistics.
@@ -212,7 +227,12 @@ pub trait MemoryBankPolicy {
 pub struct Sam2Policy;
 
 impl MemoryBankPolicy for Sam2Policy {
-    fn select<'b>(&mut self, model: &Sam2Model, ctx: &PolicyContext, bank: &'b MemoryBank) -> Result<MemorySelection<'b>> {
+    fn select<'b>(
+        &mut self,
+        model: &Sam2Model,
+        ctx: &PolicyContext,
+        bank: &'b MemoryBank,
+    ) -> Result<MemorySelection<'b>> {
         model.select_memories(ctx.frame_idx, bank, ctx.num_frames, ctx.reverse)
     }
 
@@ -255,7 +275,11 @@ impl<'m> VolumePropagator<'m, Sam2Policy> {
 
 impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
     pub fn with_policy(model: &'m Sam2Model, policy: P) -> Self {
-        Self { model, policy, peak_bank_len: 0 }
+        Self {
+            model,
+            policy,
+            peak_bank_len: 0,
+        }
     }
 
     pub fn policy(&self) -> &P {
@@ -299,14 +323,20 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
                 if !(b[2] > b[0] && b[3] > b[1]) || b.iter().any(|v| !v.is_finite()) {
                     return Err(Error::Input(format!("box {b:?} must satisfy x0 < x1 and y0 < y1")));
                 }
-                FramePrompt { points: Some(points(&[[b[0], b[1]], [b[2], b[3]]], &[2.0, 3.0])?), mask: None }
+                FramePrompt {
+                    points: Some(points(&[[b[0], b[1]], [b[2], b[3]]], &[2.0, 3.0])?),
+                    mask: None,
+                }
             }
             SlicePrompt::Points(p, l) => {
                 if p.is_empty() || p.len() != l.len() {
                     return Err(Error::Input(format!("{} points with {} labels", p.len(), l.len())));
                 }
                 let labels: Vec<f32> = l.iter().map(|&v| v as f32).collect();
-                FramePrompt { points: Some(points(p, &labels)?), mask: None }
+                FramePrompt {
+                    points: Some(points(p, &labels)?),
+                    mask: None,
+                }
             }
             SlicePrompt::Mask(m) => {
                 let (mh, mw) = m
@@ -318,7 +348,10 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
                 let m = m.to_device(dev)?.to_dtype(DType::F32)?.reshape((1, 1, h, w))?;
                 let m = if (h, w) == (s, s) { m } else { resize_aa(&m, s, s)? };
                 let m = m.ge(0.5f32)?.to_dtype(DType::F32)?;
-                FramePrompt { points: None, mask: Some(m) }
+                FramePrompt {
+                    points: None,
+                    mask: Some(m),
+                }
             }
         })
     }
@@ -343,10 +376,14 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
         let mut prompted: Vec<usize> = prompts.iter().map(|(i, _)| *i).collect();
         prompted.sort_unstable();
         if let Some(&bad) = prompted.iter().find(|&&i| i >= n) {
-            return Err(Error::Input(format!("prompted slice {bad} out of range (volume has {n} slices)")));
+            return Err(Error::Input(format!(
+                "prompted slice {bad} out of range (volume has {n} slices)"
+            )));
         }
         if prompted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(Error::Input("two prompts on the same slice; merge them into one".into()));
+            return Err(Error::Input(
+                "two prompts on the same slice; merge them into one".into(),
+            ));
         }
         let first = prompted[0];
         let last = prompted[prompted.len() - 1];
@@ -369,7 +406,9 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
             check_same_size(&mut hw, shape)?;
             let feats = self.slice_features(&slice)?;
             let fp = self.frame_prompt(prompt, shape)?;
-            let out = self.model.track_step_with_selection(true, &feats, &fp, None, n, false)?;
+            let out = self
+                .model
+                .track_step_with_selection(true, &feats, &fp, None, n, false)?;
             let mut frame = out.frame;
             frame.pred_masks = self.fill_holes(&frame.pred_masks)?;
             // Upstream encodes a prompted frame's memory from its (filled) low-res mask.
@@ -377,7 +416,9 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
             let hi = resize_bilinear(&frame.pred_masks, s, s)?;
             let last_level = feats.vision_feats.len() - 1;
             let pix = seq_to_map(&feats.vision_feats[last_level], feats.feat_sizes[last_level])?;
-            let (mf, mp) = self.model.encode_new_memory(&pix, &hi, &frame.object_score_logits, true)?;
+            let (mf, mp) = self
+                .model
+                .encode_new_memory(&pix, &hi, &frame.object_score_logits, true)?;
             frame.maskmem_features = Some(mf);
             frame.maskmem_pos_enc = Some(mp);
             let pooled = pooled_tokens(&feats)?;
@@ -385,7 +426,12 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
             self.policy.observe(*idx, &pooled, score, true);
             prompted_results.insert(
                 *idx,
-                SliceResult { index: *idx, low_res_logits: frame.pred_masks.squeeze(0)?.squeeze(0)?, object_score: score, prompted: true },
+                SliceResult {
+                    index: *idx,
+                    low_res_logits: frame.pred_masks.squeeze(0)?.squeeze(0)?,
+                    object_score: score,
+                    prompted: true,
+                },
             );
             bank.cond_frame_outputs.insert(*idx, detached(frame));
         }
@@ -394,8 +440,11 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
         let mut emitted = vec![false; n];
         for (pi, &(start, reverse)) in passes.iter().enumerate() {
             let later: Vec<(usize, bool)> = passes[pi + 1..].to_vec();
-            let order: Box<dyn Iterator<Item = usize>> =
-                if reverse { Box::new((0..=start).rev()) } else { Box::new(start..n) };
+            let order: Box<dyn Iterator<Item = usize>> = if reverse {
+                Box::new((0..=start).rev())
+            } else {
+                Box::new(start..n)
+            };
             for idx in order {
                 if let Some(r) = prompted_results.get(&idx) {
                     if !emitted[idx] {
@@ -409,10 +458,22 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
                 check_same_size(&mut hw, slice_hw(&slice)?)?;
                 let feats = self.slice_features(&slice)?;
                 let pooled = pooled_tokens(&feats)?;
-                let ctx = PolicyContext { frame_idx: idx, num_frames: n, reverse, pooled: &pooled };
+                let ctx = PolicyContext {
+                    frame_idx: idx,
+                    num_frames: n,
+                    reverse,
+                    pooled: &pooled,
+                };
                 let out = {
                     let selection = self.policy.select(self.model, &ctx, &bank)?;
-                    self.model.track_step_with_selection(false, &feats, &FramePrompt::default(), Some(&selection), n, true)?
+                    self.model.track_step_with_selection(
+                        false,
+                        &feats,
+                        &FramePrompt::default(),
+                        Some(&selection),
+                        n,
+                        true,
+                    )?
                 };
                 let mut frame = out.frame;
                 frame.pred_masks = self.fill_holes(&frame.pred_masks)?;
@@ -467,8 +528,16 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
         let (h, w) = volume.slice_hw();
         let total = match direction {
             Direction::BothWays => volume.num_slices(),
-            Direction::Forward => volume.num_slices() - prompts.iter().map(|p| p.0).min().unwrap_or(0).min(volume.num_slices()),
-            Direction::Backward => prompts.iter().map(|p| p.0).max().map(|m| m + 1).unwrap_or(0).min(volume.num_slices()),
+            Direction::Forward => {
+                volume.num_slices() - prompts.iter().map(|p| p.0).min().unwrap_or(0).min(volume.num_slices())
+            }
+            Direction::Backward => prompts
+                .iter()
+                .map(|p| p.0)
+                .max()
+                .map(|m| m + 1)
+                .unwrap_or(0)
+                .min(volume.num_slices()),
         };
         let mut labels = vec![0u8; volume.data.len()];
         let mut done = 0;
@@ -566,7 +635,11 @@ pub fn upscale_logits(logits: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         r => return Err(Error::Input(format!("logits must be [h,w] or [B,1,h,w], got rank {r}"))),
     };
     let (_, _, lh, lw) = x.dims4()?;
-    let y = if (lh, lw) == (h, w) { x } else { resize_bilinear(&x.to_dtype(DType::F32)?, h, w)? };
+    let y = if (lh, lw) == (h, w) {
+        x
+    } else {
+        resize_bilinear(&x.to_dtype(DType::F32)?, h, w)?
+    };
     Ok(y.squeeze(0)?.squeeze(0)?)
 }
 

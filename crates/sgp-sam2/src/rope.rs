@@ -74,10 +74,7 @@ impl AxialRope {
     pub fn apply(&self, x: &Tensor, repeat: usize) -> Result<Tensor> {
         let (_, _, t, _) = x.dims4()?;
         if t != self.tokens() * repeat {
-            candle_core::bail!(
-                "RoPE: {t} tokens do not match {repeat} × {} grid tokens",
-                self.tokens()
-            );
+            candle_core::bail!("RoPE: {t} tokens do not match {repeat} × {} grid tokens", self.tokens());
         }
         let (cos, sin) = if repeat == 1 {
             (self.cos.clone(), self.sin.clone())

@@ -229,7 +229,13 @@ impl SamHeads {
         } else {
             None
         };
-        Ok(Self { cfg: cfg.clone(), prompt_encoder, mask_decoder, obj_ptr_proj, no_obj_ptr })
+        Ok(Self {
+            cfg: cfg.clone(),
+            prompt_encoder,
+            mask_decoder,
+            obj_ptr_proj,
+            no_obj_ptr,
+        })
     }
 
     /// Brings a mask prompt `[B, 1, H, W]` to the prompt encoder's `[B, 1, S/4, S/4]` with
@@ -258,9 +264,12 @@ impl SamHeads {
         multimask_output: bool,
     ) -> Result<SamHeadsOutput> {
         let _span = tracing::debug_span!("sam_heads").entered();
-        let (b, c, h, w) = backbone_features
-            .dims4()
-            .map_err(|_| Error::Input(format!("backbone_features must be 4D, got {:?}", backbone_features.dims())))?;
+        let (b, c, h, w) = backbone_features.dims4().map_err(|_| {
+            Error::Input(format!(
+                "backbone_features must be 4D, got {:?}",
+                backbone_features.dims()
+            ))
+        })?;
         let e = self.cfg.image_embedding_size();
         if c != self.cfg.hidden_dim || h != e || w != e {
             return Err(Error::Input(format!(
@@ -283,14 +292,20 @@ impl SamHeads {
                 }
                 (p.coords.to_dtype(DType::F32)?, p.labels.to_dtype(DType::F32)?)
             }
-            None => (Tensor::zeros((b, 1, 2), DType::F32, dev)?, Tensor::full(-1f32, (b, 1), dev)?),
+            None => (
+                Tensor::zeros((b, 1, 2), DType::F32, dev)?,
+                Tensor::full(-1f32, (b, 1), dev)?,
+            ),
         };
 
         // b) mask prompt, resized to S/4 when needed.
         let mask_prompt = match mask_inputs {
             Some(m) => {
                 if m.dims().first() != Some(&b) {
-                    return Err(Error::Input(format!("mask_inputs batch must be {b}, got {:?}", m.dims())));
+                    return Err(Error::Input(format!(
+                        "mask_inputs batch must be {b}, got {:?}",
+                        m.dims()
+                    )));
                 }
                 Some(self.prepare_mask_prompt(m)?)
             }
@@ -316,11 +331,17 @@ impl SamHeads {
             return Err(Error::Input(format!(
                 "use_high_res_features_in_sam is {} but high-res features were {}",
                 self.cfg.use_high_res_features_in_sam,
-                if high_res_features.is_some() { "given" } else { "not given" }
+                if high_res_features.is_some() {
+                    "given"
+                } else {
+                    "not given"
+                }
             )));
         }
 
-        let (sparse, dense) = self.prompt_encoder.forward(Some((&coords, &labels)), None, mask_prompt.as_ref())?;
+        let (sparse, dense) = self
+            .prompt_encoder
+            .forward(Some((&coords, &labels)), None, mask_prompt.as_ref())?;
         let dec = self.mask_decoder.forward(
             backbone_features,
             self.prompt_encoder.get_dense_pe(),
@@ -337,7 +358,9 @@ impl SamHeads {
         let mut low_res_multimasks = dec.masks;
         let is_obj_appearing = object_score_logits.gt(0f32)?; // [B, 1] u8
         if self.cfg.pred_obj_scores {
-            let cond = is_obj_appearing.reshape((b, 1, 1, 1))?.broadcast_as(low_res_multimasks.shape())?;
+            let cond = is_obj_appearing
+                .reshape((b, 1, 1, 1))?
+                .broadcast_as(low_res_multimasks.shape())?;
             let no_obj = Tensor::full(NO_OBJ_SCORE, low_res_multimasks.shape(), dev)?;
             low_res_multimasks = cond.where_cond(&low_res_multimasks, &no_obj)?;
         }
@@ -357,9 +380,17 @@ impl SamHeads {
                 lo.push(low_res_multimasks.narrow(0, i, 1)?.narrow(1, k, 1)?);
                 hi.push(high_res_multimasks.narrow(0, i, 1)?.narrow(1, k, 1)?);
                 let t = sam_output_tokens.narrow(0, i, 1)?;
-                tok.push(if multi_tokens { t.narrow(1, k, 1)? } else { t.narrow(1, 0, 1)? });
+                tok.push(if multi_tokens {
+                    t.narrow(1, k, 1)?
+                } else {
+                    t.narrow(1, 0, 1)?
+                });
             }
-            (Tensor::cat(&lo, 0)?, Tensor::cat(&hi, 0)?, Tensor::cat(&tok, 0)?.squeeze(1)?)
+            (
+                Tensor::cat(&lo, 0)?,
+                Tensor::cat(&hi, 0)?,
+                Tensor::cat(&tok, 0)?.squeeze(1)?,
+            )
         } else {
             (
                 low_res_multimasks.clone(),

@@ -142,7 +142,11 @@ impl Sam2Model {
             .map(|t_pos| {
                 let t_rel = (n - t_pos) as i64;
                 let prev = if t_rel == 1 {
-                    if track_in_reverse { f + 1 } else { f - 1 }
+                    if track_in_reverse {
+                        f + 1
+                    } else {
+                        f - 1
+                    }
                 } else if !track_in_reverse {
                     (f - 2).div_euclid(stride) * stride - (t_rel - 2) * stride
                 } else {
@@ -190,12 +194,19 @@ impl Sam2Model {
                 return None;
             }
             let t = t as usize;
-            bank.non_cond_frame_outputs
-                .get(&t)
-                .or_else(|| if unselected.contains(&t) { bank.cond_frame_outputs.get(&t) } else { None })
+            bank.non_cond_frame_outputs.get(&t).or_else(|| {
+                if unselected.contains(&t) {
+                    bank.cond_frame_outputs.get(&t)
+                } else {
+                    None
+                }
+            })
         };
-        let mut spatial: Vec<(usize, &FrameOutput)> =
-            selected.iter().filter_map(|t| bank.cond_frame_outputs.get(t)).map(|o| (0, o)).collect();
+        let mut spatial: Vec<(usize, &FrameOutput)> = selected
+            .iter()
+            .filter_map(|t| bank.cond_frame_outputs.get(t))
+            .map(|o| (0, o))
+            .collect();
         for (t_pos, prev) in self.previous_memory_slots(frame_idx, track_in_reverse) {
             if let Some(o) = lookup_prev(prev) {
                 spatial.push((t_pos, o));
@@ -208,7 +219,11 @@ impl Sam2Model {
             let sign: i64 = if track_in_reverse { -1 } else { 1 };
             let f = frame_idx as i64;
             for &t in &selected {
-                let past = if track_in_reverse { t >= frame_idx } else { t <= frame_idx };
+                let past = if track_in_reverse {
+                    t >= frame_idx
+                } else {
+                    t <= frame_idx
+                };
                 if self.config.only_obj_ptrs_in_the_past_for_eval && !past {
                     continue;
                 }
@@ -243,7 +258,11 @@ impl Sam2Model {
         selection: Option<&MemorySelection>,
         num_frames: usize,
     ) -> Result<Tensor> {
-        let last = feats.vision_feats.len().checked_sub(1).ok_or_else(|| Error::Input("no feature levels".into()))?;
+        let last = feats
+            .vision_feats
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| Error::Input("no feature levels".into()))?;
         let curr = &feats.vision_feats[last];
         let curr_pos = &feats.vision_pos_embeds[last];
         let size = feats.feat_sizes[last];
@@ -274,7 +293,9 @@ impl Sam2Model {
                         return Err(Error::Input("a selected memory frame has no memory features".into()));
                     };
                     if t_pos >= n {
-                        return Err(Error::Input(format!("memory slot {t_pos} out of range (num_maskmem {n})")));
+                        return Err(Error::Input(format!(
+                            "memory slot {t_pos} out of range (num_maskmem {n})"
+                        )));
                     }
                     mem.push(map_to_seq(&f.to_device(dev)?)?);
                     let tpos = self.maskmem_tpos_enc.get(n - t_pos - 1)?.reshape((1, 1, mem_dim))?;
@@ -282,7 +303,11 @@ impl Sam2Model {
                 }
                 let mut num_ptr_tokens = 0;
                 if self.config.use_obj_ptrs_in_encoder && !sel.pointers.is_empty() {
-                    let ptrs: Vec<Tensor> = sel.pointers.iter().map(|(_, o)| o.obj_ptr.to_device(dev)).collect::<candle_core::Result<_>>()?;
+                    let ptrs: Vec<Tensor> = sel
+                        .pointers
+                        .iter()
+                        .map(|(_, o)| o.obj_ptr.to_device(dev))
+                        .collect::<candle_core::Result<_>>()?;
                     let obj_ptrs = Tensor::stack(&ptrs, 0)?; // [P, B, C]
                     let p = ptrs.len();
                     let obj_pos = if self.config.add_tpos_enc_to_obj_ptrs {
@@ -302,8 +327,16 @@ impl Sam2Model {
                     let (obj_ptrs, obj_pos) = if mem_dim < c {
                         // Split each pointer into C/mem_dim tokens.
                         let k = c / mem_dim;
-                        let t = obj_ptrs.reshape((p, b, k, mem_dim))?.permute((0, 2, 1, 3))?.reshape((p * k, b, mem_dim))?;
-                        let pp = obj_pos.unsqueeze(1)?.broadcast_as((p, k, b, mem_dim))?.reshape((p * k, b, mem_dim))?;
+                        let t = obj_ptrs.reshape((p, b, k, mem_dim))?.permute((0, 2, 1, 3))?.reshape((
+                            p * k,
+                            b,
+                            mem_dim,
+                        ))?;
+                        let pp =
+                            obj_pos
+                                .unsqueeze(1)?
+                                .broadcast_as((p, k, b, mem_dim))?
+                                .reshape((p * k, b, mem_dim))?;
                         (t, pp)
                     } else {
                         (obj_ptrs, obj_pos)
@@ -318,7 +351,9 @@ impl Sam2Model {
                 (Tensor::cat(&mem, 0)?, Tensor::cat(&pos, 0)?, num_ptr_tokens)
             }
         };
-        let out = self.memory_attention.forward(curr, curr_pos, &memory, &memory_pos, num_obj_ptr_tokens)?;
+        let out = self
+            .memory_attention
+            .forward(curr, curr_pos, &memory, &memory_pos, num_obj_ptr_tokens)?;
         Ok(seq_to_map(&out, size)?)
     }
 
@@ -370,7 +405,8 @@ impl Sam2Model {
         let m = mask_inputs.to_dtype(DType::F32)?;
         let (b, _, h, w) = m.dims4()?;
         let high_res_masks = ((&m * out_scale)? + out_bias)?;
-        let low_res_masks = sgp_kernels::resize::bilinear_antialias(&high_res_masks, h / 4, w / 4).map_err(kernel_err)?;
+        let low_res_masks =
+            sgp_kernels::resize::bilinear_antialias(&high_res_masks, h / 4, w / 4).map_err(kernel_err)?;
         let ious = Tensor::ones((b, 1), DType::F32, m.device())?;
         let mut obj_ptr = if !self.config.use_obj_ptrs_in_encoder {
             Tensor::zeros((b, self.hidden_dim), DType::F32, m.device())?
@@ -380,7 +416,9 @@ impl Sam2Model {
                 .as_ref()
                 .ok_or_else(|| Error::Config("use_obj_ptrs_in_encoder without mask_downsample".into()))?;
             let small = ds.forward(&m)?;
-            self.sam_heads.forward(backbone_features, None, Some(&small), high_res_features, false)?.obj_ptr
+            self.sam_heads
+                .forward(backbone_features, None, Some(&small), high_res_features, false)?
+                .obj_ptr
         };
         let appearing = m.flatten_from(1)?.gt(0f32)?.max_keepdim(1)?.to_dtype(DType::F32)?; // [B, 1]
         let object_score_logits = ((&appearing * out_scale)? + out_bias)?;
@@ -423,7 +461,14 @@ impl Sam2Model {
         } else {
             Some(self.select_memories(frame_idx, bank, num_frames, track_in_reverse)?)
         };
-        self.track_step_with_selection(is_init_cond_frame, feats, prompt, selection.as_ref(), num_frames, run_mem_encoder)
+        self.track_step_with_selection(
+            is_init_cond_frame,
+            feats,
+            prompt,
+            selection.as_ref(),
+            num_frames,
+            run_mem_encoder,
+        )
     }
 
     /// Whether a prompt takes the mask-as-output path (no memory, no SAM decoding).
@@ -470,15 +515,35 @@ impl Sam2Model {
                 if !is_init_cond_frame && selection.is_none() && self.config.num_maskmem > 0 {
                     return Err(Error::Input("a non-initial frame needs a memory selection".into()));
                 }
-                let pix = self.memory_conditioned_features(feats, if is_init_cond_frame { None } else { selection }, num_frames)?;
-                let num_pts = prompt.points.as_ref().map(|p| p.labels.dim(1)).transpose()?.unwrap_or(0);
+                let pix = self.memory_conditioned_features(
+                    feats,
+                    if is_init_cond_frame { None } else { selection },
+                    num_frames,
+                )?;
+                let num_pts = prompt
+                    .points
+                    .as_ref()
+                    .map(|p| p.labels.dim(1))
+                    .transpose()?
+                    .unwrap_or(0);
                 let multimask = self.sam_heads.cfg.use_multimask(is_init_cond_frame, num_pts);
-                self.sam_heads.forward(&pix, prompt.points.as_ref(), prompt.mask.as_ref(), high_res_ref, multimask)?
+                self.sam_heads.forward(
+                    &pix,
+                    prompt.points.as_ref(),
+                    prompt.mask.as_ref(),
+                    high_res_ref,
+                    multimask,
+                )?
             }
         };
         let (maskmem_features, maskmem_pos_enc) = if run_mem_encoder && self.config.num_maskmem > 0 {
             let pix = seq_to_map(&feats.vision_feats[last], feats.feat_sizes[last])?;
-            let (f, p) = self.encode_new_memory(&pix, &sam.high_res_masks, &sam.object_score_logits, prompt.points.is_some())?;
+            let (f, p) = self.encode_new_memory(
+                &pix,
+                &sam.high_res_masks,
+                &sam.object_score_logits,
+                prompt.points.is_some(),
+            )?;
             (Some(f), Some(p))
         } else {
             (None, None)
@@ -514,12 +579,19 @@ pub fn apply_non_overlapping_constraints(pred_masks: &Tensor) -> Result<Tensor> 
 pub fn stack_frames(frames: &[TrackStepOutput]) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     let cat = |f: &dyn Fn(&TrackStepOutput) -> Option<Tensor>| -> Result<Tensor> {
-        let v: Vec<Tensor> = frames.iter().map(f).collect::<Option<Vec<_>>>().ok_or_else(|| Error::Input("missing per-frame output".into()))?;
+        let v: Vec<Tensor> = frames
+            .iter()
+            .map(f)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::Input("missing per-frame output".into()))?;
         Ok(Tensor::cat(&v, 0)?)
     };
     out.insert("pred_masks".into(), cat(&|f| Some(f.frame.pred_masks.clone()))?);
     out.insert("obj_ptr".into(), cat(&|f| Some(f.frame.obj_ptr.clone()))?);
-    out.insert("object_score_logits".into(), cat(&|f| Some(f.frame.object_score_logits.clone()))?);
+    out.insert(
+        "object_score_logits".into(),
+        cat(&|f| Some(f.frame.object_score_logits.clone()))?,
+    );
     out.insert("maskmem_features".into(), cat(&|f| f.frame.maskmem_features.clone())?);
     Ok(out)
 }
@@ -544,7 +616,9 @@ pub mod parity_kinds {
     use crate::{Error, Result};
 
     fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
-        inputs.get(name).ok_or_else(|| Error::Parity(format!("missing input in.{name}")))
+        inputs
+            .get(name)
+            .ok_or_else(|| Error::Parity(format!("missing input in.{name}")))
     }
 
     /// `memory_encoder`: `_encode_new_memory` on `pix_feat`, `pred_masks_high_res`,
@@ -561,7 +635,10 @@ pub mod parity_kinds {
             input(inputs, "object_score_logits")?,
             is_mask_from_pts,
         )?;
-        Ok(BTreeMap::from([("maskmem_features".to_string(), f), ("maskmem_pos_enc".to_string(), p)]))
+        Ok(BTreeMap::from([
+            ("maskmem_features".to_string(), f),
+            ("maskmem_pos_enc".to_string(), p),
+        ]))
     }
 
     /// `memory_attention`: the model's memory attention on `curr`, `curr_pos`, `memory`,
@@ -591,11 +668,17 @@ pub mod parity_kinds {
         let frames = input(inputs, "frames")?;
         let t = frames.dim(0)?;
         let points = match (inputs.get("point_coords"), inputs.get("point_labels")) {
-            (Some(c), Some(l)) => Some(PointInputs { coords: c.clone(), labels: l.to_dtype(DType::F32)? }),
+            (Some(c), Some(l)) => Some(PointInputs {
+                coords: c.clone(),
+                labels: l.to_dtype(DType::F32)?,
+            }),
             (None, None) => None,
             _ => return Err(Error::Parity("point_coords and point_labels come together".into())),
         };
-        let prompt0 = FramePrompt { points, mask: inputs.get("mask_inputs").cloned() };
+        let prompt0 = FramePrompt {
+            points,
+            mask: inputs.get("mask_inputs").cloned(),
+        };
         let none = FramePrompt::default();
         let mut bank = MemoryBank::new();
         let mut outs = Vec::with_capacity(t);

@@ -50,7 +50,11 @@ impl Mlp {
             let n_out = if i + 1 == num_layers { output_dim } else { hidden_dim };
             layers.push(AdaptableLinear::load(n_in, n_out, true, vb.pp(format!("layers.{i}")))?);
         }
-        Ok(Self { layers, activation, sigmoid_output })
+        Ok(Self {
+            layers,
+            activation,
+            sigmoid_output,
+        })
     }
 
     /// Adaptable layers with their paths relative to this MLP.
@@ -116,7 +120,9 @@ impl Attention {
 
     fn separate_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
-        x.reshape((b, n, self.num_heads, c / self.num_heads))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, n, self.num_heads, c / self.num_heads))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// `q` `[B, Nq, C]`, `k`/`v` `[B, Nk, Ckv]` -> `[B, Nq, C]`.
@@ -177,7 +183,15 @@ impl TwoWayAttentionBlock {
                 vb.pp("cross_attn_token_to_image"),
             )?,
             norm2: LayerNorm::new(embedding_dim, 1e-5, vb.pp("norm2"))?,
-            mlp: Mlp::new(embedding_dim, mlp_dim, embedding_dim, 2, Activation::Relu, false, vb.pp("mlp"))?,
+            mlp: Mlp::new(
+                embedding_dim,
+                mlp_dim,
+                embedding_dim,
+                2,
+                Activation::Relu,
+                false,
+                vb.pp("mlp"),
+            )?,
             norm3: LayerNorm::new(embedding_dim, 1e-5, vb.pp("norm3"))?,
             norm4: LayerNorm::new(embedding_dim, 1e-5, vb.pp("norm4"))?,
             cross_attn_image_to_token: Attention::new(
@@ -223,9 +237,15 @@ impl TwoWayAttentionBlock {
 
     pub fn linears_mut(&mut self, prefix: &str) -> Vec<(String, &mut AdaptableLinear)> {
         let mut v = self.self_attn.linears_mut(&format!("{prefix}.self_attn"));
-        v.extend(self.cross_attn_token_to_image.linears_mut(&format!("{prefix}.cross_attn_token_to_image")));
+        v.extend(
+            self.cross_attn_token_to_image
+                .linears_mut(&format!("{prefix}.cross_attn_token_to_image")),
+        );
         v.extend(self.mlp.linears_mut(&format!("{prefix}.mlp")));
-        v.extend(self.cross_attn_image_to_token.linears_mut(&format!("{prefix}.cross_attn_image_to_token")));
+        v.extend(
+            self.cross_attn_image_to_token
+                .linears_mut(&format!("{prefix}.cross_attn_image_to_token")),
+        );
         v
     }
 }
@@ -301,7 +321,10 @@ impl TwoWayTransformer {
         for (i, l) in self.layers.iter_mut().enumerate() {
             v.extend(l.linears_mut(&format!("{prefix}.layers.{i}")));
         }
-        v.extend(self.final_attn_token_to_image.linears_mut(&format!("{prefix}.final_attn_token_to_image")));
+        v.extend(
+            self.final_attn_token_to_image
+                .linears_mut(&format!("{prefix}.final_attn_token_to_image")),
+        );
         v
     }
 }

@@ -27,10 +27,7 @@ const PREFIX_RENAMES: &[(&str, &str)] = &[
     ("prompt_encoder.", "sam_prompt_encoder."),
     ("mask_decoder.", "sam_mask_decoder."),
     ("object_pointer_proj.", "obj_ptr_proj."),
-    (
-        "temporal_positional_encoding_projection_layer.",
-        "obj_ptr_tpos_proj.",
-    ),
+    ("temporal_positional_encoding_projection_layer.", "obj_ptr_tpos_proj."),
 ];
 
 /// Top-level parameters renamed whole.
@@ -87,9 +84,7 @@ pub fn convert_state_dict(tensors: Vec<(String, Tensor)>) -> Result<Converted> {
 
     let mut out = HashMap::with_capacity(tensors.len() + 3);
     let mut dropped = Vec::new();
-    let has_shared = names
-        .iter()
-        .any(|k| k == "shared_image_embedding.positional_embedding");
+    let has_shared = names.iter().any(|k| k == "shared_image_embedding.positional_embedding");
 
     for (key, tensor) in tensors {
         // The prompt encoder keeps a tied copy of the shared Gaussian matrix.
@@ -119,10 +114,7 @@ pub fn convert_state_dict(tensors: Vec<(String, Tensor)>) -> Result<Converted> {
         let mapped = map_key(&key, &mlp_depths, downsampler_layers)?;
         insert_unique(&mut out, mapped, tensor)?;
     }
-    Ok(Converted {
-        tensors: out,
-        dropped,
-    })
+    Ok(Converted { tensors: out, dropped })
 }
 
 fn insert_unique(map: &mut HashMap<String, Tensor>, key: String, t: Tensor) -> Result<()> {
@@ -135,11 +127,7 @@ fn insert_unique(map: &mut HashMap<String, Tensor>, key: String, t: Tensor) -> R
 }
 
 /// Maps one transformers key (other than the special cases) to its official name.
-pub fn map_key(
-    key: &str,
-    mlp_depths: &BTreeMap<String, usize>,
-    downsampler_layers: usize,
-) -> Result<String> {
+pub fn map_key(key: &str, mlp_depths: &BTreeMap<String, usize>, downsampler_layers: usize) -> Result<String> {
     for (from, to) in PARAM_RENAMES {
         if key == *from {
             return Ok((*to).to_string());
@@ -353,12 +341,10 @@ pub enum TransformersModel {
 /// `sam2.1_hiera_t` preset and overwrite what the file says. Per the format spec,
 /// `mask_decoder_config.dynamic_multimask_via_stability` is honoured. Hiera variants that
 /// the official code cannot express (per-stage dims other than doubling) are refused.
-pub fn config_from_transformers_json(
-    text: &str,
-) -> Result<(crate::config::Sam2Config, TransformersModel)> {
+pub fn config_from_transformers_json(text: &str) -> Result<(crate::config::Sam2Config, TransformersModel)> {
     use serde_json::Value;
-    let src: Value = serde_json::from_str(text)
-        .map_err(|e| Error::Config(format!("transformers config.json is not JSON: {e}")))?;
+    let src: Value =
+        serde_json::from_str(text).map_err(|e| Error::Config(format!("transformers config.json is not JSON: {e}")))?;
     let kind = match src.get("model_type").and_then(Value::as_str) {
         Some("sam2") => TransformersModel::Image,
         Some("sam2_video") => TransformersModel::Video,
@@ -369,8 +355,8 @@ pub fn config_from_transformers_json(
         }
     };
     let base = crate::config::Sam2Config::preset("sam2.1_hiera_t")?;
-    let mut tree = serde_json::to_value(&base)
-        .map_err(|e| Error::Config(format!("cannot serialise base config: {e}")))?;
+    let mut tree =
+        serde_json::to_value(&base).map_err(|e| Error::Config(format!("cannot serialise base config: {e}")))?;
 
     let vision = src.get("vision_config").unwrap_or(&Value::Null);
     let backbone = vision.get("backbone_config").unwrap_or(&Value::Null);
@@ -405,7 +391,11 @@ pub fn config_from_transformers_json(
             .and_then(Value::as_array)
             .map(|a| a.len() as u64)
             .unwrap_or(4);
-        set_path(&mut tree, "/image_encoder/scalp", Value::from(n_stages.saturating_sub(levels)))?;
+        set_path(
+            &mut tree,
+            "/image_encoder/scalp",
+            Value::from(n_stages.saturating_sub(levels)),
+        )?;
     }
     if let Some(size) = src
         .pointer("/prompt_encoder_config/image_size")
@@ -494,10 +484,16 @@ pub fn config_from_transformers_json(
                     "memory_encoder_output_channels",
                     "/memory_encoder/position_encoding/num_pos_feats",
                 ),
-                ("mask_downsampler_kernel_size", "/memory_encoder/mask_downsampler/kernel_size"),
+                (
+                    "mask_downsampler_kernel_size",
+                    "/memory_encoder/mask_downsampler/kernel_size",
+                ),
                 ("mask_downsampler_stride", "/memory_encoder/mask_downsampler/stride"),
                 ("mask_downsampler_padding", "/memory_encoder/mask_downsampler/padding"),
-                ("mask_downsampler_total_stride", "/memory_encoder/mask_downsampler/total_stride"),
+                (
+                    "mask_downsampler_total_stride",
+                    "/memory_encoder/mask_downsampler/total_stride",
+                ),
                 ("memory_fuser_num_layers", "/memory_encoder/fuser/num_layers"),
                 ("memory_fuser_embed_dim", "/memory_encoder/fuser/layer/dim"),
                 ("memory_fuser_kernel_size", "/memory_encoder/fuser/layer/kernel_size"),
@@ -512,11 +508,7 @@ pub fn config_from_transformers_json(
 }
 
 /// Copies `src[key]` to the JSON pointer `dst` for each pair whose key is present.
-fn copy_fields(
-    src: &serde_json::Value,
-    tree: &mut serde_json::Value,
-    pairs: &[(&str, &str)],
-) -> Result<()> {
+fn copy_fields(src: &serde_json::Value, tree: &mut serde_json::Value, pairs: &[(&str, &str)]) -> Result<()> {
     for (key, ptr) in pairs {
         if let Some(v) = src.get(*key) {
             set_path(tree, ptr, v.clone())?;
@@ -569,7 +561,10 @@ fn check_hiera_progression(backbone: &serde_json::Value) -> Result<()> {
         }
         Ok(())
     };
-    check("embed_dim_per_stage", backbone.get("hidden_size").and_then(Value::as_u64))?;
+    check(
+        "embed_dim_per_stage",
+        backbone.get("hidden_size").and_then(Value::as_u64),
+    )?;
     check(
         "num_attention_heads_per_stage",
         backbone.get("num_attention_heads").and_then(Value::as_u64),
@@ -644,11 +639,7 @@ pub fn load_transformers(
     }
     let strict = StrictWeights::new(tensors);
     let model = crate::model::Sam2Model::from_weights(&config, &strict, device)?;
-    Ok(LoadedTransformers {
-        config,
-        model,
-        kind,
-    })
+    Ok(LoadedTransformers { config, model, kind })
 }
 
 #[cfg(test)]
@@ -684,10 +675,7 @@ mod tests {
             })
             .collect();
         let conv = convert_state_dict(tensors).unwrap();
-        conv.tensors
-            .into_iter()
-            .map(|(k, t)| (k, t.dims().to_vec()))
-            .collect()
+        conv.tensors.into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect()
     }
 
     /// The transformers `Sam2VideoModel` key set of hiera_t maps exactly onto the official
@@ -695,9 +683,7 @@ mod tests {
     /// Python packages by the fixture tooling).
     #[test]
     fn video_model_keys_map_onto_official_keys() {
-        let official: BTreeMap<_, _> = read_keys("sam2.1_hiera_t.original_keys.txt")
-            .into_iter()
-            .collect();
+        let official: BTreeMap<_, _> = read_keys("sam2.1_hiera_t.original_keys.txt").into_iter().collect();
         let mapped = convert_keys(&read_keys("sam2.1_hiera_t.transformers_video_keys.txt"));
         let missing: Vec<_> = official.keys().filter(|k| !mapped.contains_key(*k)).collect();
         let extra: Vec<_> = mapped.keys().filter(|k| !official.contains_key(*k)).collect();
@@ -711,9 +697,7 @@ mod tests {
     /// The image-only `Sam2Model` maps onto the subset the image path needs.
     #[test]
     fn image_model_keys_map_into_official_keys() {
-        let official: BTreeMap<_, _> = read_keys("sam2.1_hiera_t.original_keys.txt")
-            .into_iter()
-            .collect();
+        let official: BTreeMap<_, _> = read_keys("sam2.1_hiera_t.original_keys.txt").into_iter().collect();
         let mapped = convert_keys(&read_keys("sam2.1_hiera_t.transformers_image_keys.txt"));
         for (k, shape) in &mapped {
             assert_eq!(official.get(k), Some(shape), "{k} has no official counterpart");

@@ -31,9 +31,7 @@ pub fn detect_format(path: &Path) -> Result<WeightsFileFormat> {
     let mut head = [0u8; 9];
     let mut n = 0;
     while n < head.len() {
-        let k = f
-            .read(&mut head[n..])
-            .map_err(|source| io_err(path, source))?;
+        let k = f.read(&mut head[n..]).map_err(|source| io_err(path, source))?;
         if k == 0 {
             break;
         }
@@ -65,8 +63,7 @@ pub fn load_state_dict(path: &Path, device: &Device) -> Result<HashMap<String, T
         WeightsFileFormat::Safetensors => {
             let bytes = std::fs::read(path).map_err(|source| io_err(path, source))?;
             // Validate the header and offsets first: this reports truncation as an error.
-            let st = safetensors::SafeTensors::deserialize(&bytes)
-                .map_err(|e| format_err(path, &e.to_string()))?;
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format_err(path, &e.to_string()))?;
             let mut out = HashMap::with_capacity(st.len());
             for (name, view) in st.tensors() {
                 let t = safetensor_view_to_tensor(&view, device)
@@ -88,12 +85,7 @@ pub fn load_state_dict(path: &Path, device: &Device) -> Result<HashMap<String, T
                 Ok(t) if !t.is_empty() => t,
                 first => match read(None) {
                     Ok(t) if !t.is_empty() => t,
-                    Ok(_) => {
-                        return Err(format_err(
-                            path,
-                            "no tensors found (expected {\"model\": state_dict})",
-                        ))
-                    }
+                    Ok(_) => return Err(format_err(path, "no tensors found (expected {\"model\": state_dict})")),
                     Err(e) => {
                         let why = match first {
                             Err(e1) => format!("{e1}; as a bare state dict: {e}"),
@@ -105,9 +97,7 @@ pub fn load_state_dict(path: &Path, device: &Device) -> Result<HashMap<String, T
             };
             let mut out = HashMap::with_capacity(tensors.len());
             for (name, t) in tensors {
-                let t = t
-                    .to_device(device)
-                    .map_err(|e| format_err(path, &e.to_string()))?;
+                let t = t.to_device(device).map_err(|e| format_err(path, &e.to_string()))?;
                 out.insert(name, t);
             }
             Ok(out)
@@ -178,10 +168,7 @@ impl candle_nn::var_builder::SimpleBackend for StrictBackend {
             .record
             .lock()
             .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        let first_request = rec
-            .requested
-            .insert(name.to_string(), want.clone())
-            .is_none();
+        let first_request = rec.requested.insert(name.to_string(), want.clone()).is_none();
         let placeholder = || Tensor::zeros(want.as_slice(), dtype, dev);
         let Some(t) = self.tensors.get(name) else {
             if first_request {
@@ -191,8 +178,7 @@ impl candle_nn::var_builder::SimpleBackend for StrictBackend {
         };
         if t.dims() != want.as_slice() {
             if first_request {
-                rec.mismatched
-                    .push((name.to_string(), want.clone(), t.dims().to_vec()));
+                rec.mismatched.push((name.to_string(), want.clone(), t.dims().to_vec()));
             }
             return placeholder();
         }
@@ -270,10 +256,7 @@ impl StrictWeights {
 
     /// Every key requested so far, with the requested shape.
     pub fn requested(&self) -> BTreeMap<String, Vec<usize>> {
-        self.record
-            .lock()
-            .map(|r| r.requested.clone())
-            .unwrap_or_default()
+        self.record.lock().map(|r| r.requested.clone()).unwrap_or_default()
     }
 
     /// Reports all problems met while building: missing keys, mis-shaped keys, and
@@ -304,17 +287,10 @@ impl StrictWeights {
             });
         }
         if !rec.bad_dtype.is_empty() {
-            let list: Vec<String> = rec
-                .bad_dtype
-                .iter()
-                .map(|(k, d)| format!("{k} ({d:?})"))
-                .collect();
+            let list: Vec<String> = rec.bad_dtype.iter().map(|(k, d)| format!("{k} ({d:?})")).collect();
             return Err(Error::WeightsFormat {
                 path: self.source.clone().unwrap_or_default(),
-                reason: format!(
-                    "non-float tensors for float parameters: {}",
-                    list.join(", ")
-                ),
+                reason: format!("non-float tensors for float parameters: {}", list.join(", ")),
             });
         }
         Ok(())

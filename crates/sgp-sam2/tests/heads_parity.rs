@@ -19,7 +19,11 @@ fn data_dir() -> PathBuf {
 }
 
 fn config(name: &str) -> SamHeadsConfig {
-    let base = SamHeadsConfig { hidden_dim: 32, image_size: 64, ..Default::default() };
+    let base = SamHeadsConfig {
+        hidden_dim: 32,
+        image_size: 64,
+        ..Default::default()
+    };
     match name {
         "sam21" => SamHeadsConfig {
             use_high_res_features_in_sam: true,
@@ -45,7 +49,14 @@ fn config(name: &str) -> SamHeadsConfig {
 }
 
 fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
-    let d = (ours - reference).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let d = (ours - reference)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
     let r = reference.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
     d.sqrt() / r.sqrt().max(1e-12)
 }
@@ -69,7 +80,13 @@ fn run_config(name: &str) {
         let hi = io.get("in.high_res_0").map(|h0| (h0, &io["in.high_res_1"]));
         let multimask = meta["multimask_output"].as_bool().unwrap();
         let out = heads
-            .forward(&io["in.backbone_features"], points.as_ref(), io.get("in.mask_inputs"), hi, multimask)
+            .forward(
+                &io["in.backbone_features"],
+                points.as_ref(),
+                io.get("in.mask_inputs"),
+                hi,
+                multimask,
+            )
             .unwrap();
         let ours = [
             ("low_res_multimasks", &out.low_res_multimasks),

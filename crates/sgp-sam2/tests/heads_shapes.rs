@@ -7,11 +7,12 @@ use candle_nn::{VarBuilder, VarMap};
 use sgp_sam2::mask_decoder::{MaskDecoder, MaskDecoderConfig};
 use sgp_sam2::sam_heads::{PointInputs, SamHeads, SamHeadsConfig};
 
-
 /// Sets every variable to N(0, 0.1²), seeded by its name (the map's order is not stable).
 fn randomize(vm: &VarMap, seed: u64) {
     for (name, var) in vm.data().lock().unwrap().iter() {
-        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         var.set(&seeded_randn(seed ^ h, 0.1, var.shape())).unwrap();
     }
 }
@@ -67,7 +68,6 @@ fn sam21_like() -> SamHeadsConfig {
 }
 
 fn inputs(b: usize) -> (Tensor, Tensor, Tensor) {
-
     (
         seeded_randn(2, 1.0, (b, C, E, E)),
         seeded_randn(3, 1.0, (b, C / 8, 4 * E, 4 * E)),
@@ -76,7 +76,16 @@ fn inputs(b: usize) -> (Tensor, Tensor, Tensor) {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 #[test]
@@ -89,7 +98,9 @@ fn output_shapes_follow_multimask_flag() {
         labels: Tensor::new(&[[1f32, 0.], [1., 1.], [2., 3.]], &Device::Cpu).unwrap(),
     };
     for (multimask, m) in [(true, 3), (false, 1)] {
-        let out = heads.forward(&feat, Some(&pts), None, Some((&s0, &s1)), multimask).unwrap();
+        let out = heads
+            .forward(&feat, Some(&pts), None, Some((&s0, &s1)), multimask)
+            .unwrap();
         assert_eq!(out.low_res_multimasks.dims(), [b, m, S / 4, S / 4]);
         assert_eq!(out.high_res_multimasks.dims(), [b, m, S, S]);
         assert_eq!(out.ious.dims(), [b, m]);
@@ -101,7 +112,10 @@ fn output_shapes_follow_multimask_flag() {
         let best: Vec<u32> = out.ious.argmax(1).unwrap().to_vec1().unwrap();
         for (i, k) in best.into_iter().enumerate() {
             let chosen = out.low_res_multimasks.get(i).unwrap().get(k as usize).unwrap();
-            assert_eq!(max_abs_diff(&chosen, &out.low_res_masks.get(i).unwrap().get(0).unwrap()), 0.0);
+            assert_eq!(
+                max_abs_diff(&chosen, &out.low_res_masks.get(i).unwrap().get(0).unwrap()),
+                0.0
+            );
         }
     }
 }
@@ -134,13 +148,20 @@ fn padding_points_ignore_their_coordinates_and_no_prompt_is_one_padding_point() 
         coords: Tensor::new(&[[[13f32, 57.]], [[0., 0.]]], &dev).unwrap(),
         labels: Tensor::new(&[[-1f32], [-1.]], &dev).unwrap(),
     };
-    let padded = heads.forward(&feat, Some(&explicit), None, Some((&s0, &s1)), false).unwrap();
+    let padded = heads
+        .forward(&feat, Some(&explicit), None, Some((&s0, &s1)), false)
+        .unwrap();
     assert_eq!(max_abs_diff(&none.low_res_masks, &padded.low_res_masks), 0.0);
     assert_eq!(max_abs_diff(&none.obj_ptr, &padded.obj_ptr), 0.0);
     assert_eq!(max_abs_diff(&none.ious, &padded.ious), 0.0);
     // A real point changes the result (IoUs are never masked by the object score).
-    let real = PointInputs { coords: explicit.coords.clone(), labels: Tensor::new(&[[1f32], [1.]], &dev).unwrap() };
-    let with_point = heads.forward(&feat, Some(&real), None, Some((&s0, &s1)), false).unwrap();
+    let real = PointInputs {
+        coords: explicit.coords.clone(),
+        labels: Tensor::new(&[[1f32], [1.]], &dev).unwrap(),
+    };
+    let with_point = heads
+        .forward(&feat, Some(&real), None, Some((&s0, &s1)), false)
+        .unwrap();
     assert!(max_abs_diff(&none.ious, &with_point.ious) > 0.0);
 }
 
@@ -171,7 +192,13 @@ fn dynamic_multimask_falls_back_only_when_unstable() {
         for k in 0..4 {
             for p in 0..16 {
                 v.push(match (b, k) {
-                    (0, 0) => if p < 8 { 5.0 } else { -5.0 },
+                    (0, 0) => {
+                        if p < 8 {
+                            5.0
+                        } else {
+                            -5.0
+                        }
+                    }
                     (1, 0) => 0.01,
                     _ => (k * 100 + p) as f32,
                 });
@@ -180,12 +207,22 @@ fn dynamic_multimask_falls_back_only_when_unstable() {
     }
     let masks = Tensor::from_vec(v, (2, 4, 4, 4), &dev).unwrap();
     let ious = Tensor::new(&[[0.1f32, 0.2, 0.9, 0.3], [0.1, 0.2, 0.3, 0.9]], &dev).unwrap();
-    let stab: Vec<Vec<f32>> = dec.stability_scores(&masks.narrow(1, 0, 1).unwrap()).unwrap().to_vec2().unwrap();
+    let stab: Vec<Vec<f32>> = dec
+        .stability_scores(&masks.narrow(1, 0, 1).unwrap())
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     assert_eq!(stab, vec![vec![1.0], vec![0.0]]);
     let (m, i) = dec.dynamic_multimask_via_stability(&masks, &ious).unwrap();
     assert_eq!(i.to_vec2::<f32>().unwrap(), vec![vec![0.1], vec![0.9]]);
-    assert_eq!(max_abs_diff(&m.get(0).unwrap(), &masks.get(0).unwrap().narrow(0, 0, 1).unwrap()), 0.0);
-    assert_eq!(max_abs_diff(&m.get(1).unwrap(), &masks.get(1).unwrap().narrow(0, 3, 1).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(&m.get(0).unwrap(), &masks.get(0).unwrap().narrow(0, 0, 1).unwrap()),
+        0.0
+    );
+    assert_eq!(
+        max_abs_diff(&m.get(1).unwrap(), &masks.get(1).unwrap().narrow(0, 3, 1).unwrap()),
+        0.0
+    );
 }
 
 #[test]
@@ -195,14 +232,21 @@ fn bad_inputs_are_errors_not_panics() {
     let (feat, s0, s1) = inputs(1);
     let wrong_feat = Tensor::zeros((1, C, E + 1, E), DType::F32, &dev).unwrap();
     assert!(heads.forward(&wrong_feat, None, None, Some((&s0, &s1)), false).is_err());
-    assert!(heads.forward(&feat, None, None, None, false).is_err(), "high-res features required");
+    assert!(
+        heads.forward(&feat, None, None, None, false).is_err(),
+        "high-res features required"
+    );
     let bad_pts = PointInputs {
         coords: Tensor::zeros((1, 2, 3), DType::F32, &dev).unwrap(),
         labels: Tensor::zeros((1, 2), DType::F32, &dev).unwrap(),
     };
-    assert!(heads.forward(&feat, Some(&bad_pts), None, Some((&s0, &s1)), false).is_err());
+    assert!(heads
+        .forward(&feat, Some(&bad_pts), None, Some((&s0, &s1)), false)
+        .is_err());
     let bad_mask = Tensor::zeros((1, 2, S, S), DType::F32, &dev).unwrap();
-    assert!(heads.forward(&feat, None, Some(&bad_mask), Some((&s0, &s1)), false).is_err());
+    assert!(heads
+        .forward(&feat, None, Some(&bad_mask), Some((&s0, &s1)), false)
+        .is_err());
 }
 
 /// Training paths (decoder fine-tuning, adapters) need gradients through the heads: the
@@ -210,7 +254,11 @@ fn bad_inputs_are_errors_not_panics() {
 /// and agree with central finite differences.
 #[test]
 fn gradients_reach_decoder_parameters_and_match_finite_differences() {
-    let cfg = SamHeadsConfig { hidden_dim: C, image_size: S, ..Default::default() };
+    let cfg = SamHeadsConfig {
+        hidden_dim: C,
+        image_size: S,
+        ..Default::default()
+    };
     let vm = VarMap::new();
     let heads = SamHeads::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     randomize(&vm, 6);
@@ -237,10 +285,16 @@ fn gradients_reach_decoder_parameters_and_match_finite_differences() {
         "sam_prompt_encoder.point_embeddings.1.weight",
     ] {
         let var = data.get(name).unwrap_or_else(|| panic!("no var {name}"));
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         // Finite difference along the gradient's own largest entry.
         let flat_g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-        let (idx, &gi) = flat_g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+        let (idx, &gi) = flat_g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
         assert!(gi.abs() > 0.0, "{name}: zero gradient");
         let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let eps = 1e-3f32;
@@ -267,7 +321,12 @@ fn conv_transpose_2x2_matches_candle_reference() {
     let weight = seeded_randn(9, 1.0, (6, 4, 2, 2));
     let bias = seeded_randn(10, 1.0, 4);
     let x = seeded_randn(11, 1.0, (2, 6, 3, 5));
-    let ours = ConvTranspose2x2 { weight: weight.clone(), bias: bias.clone() }.forward(&x).unwrap();
+    let ours = ConvTranspose2x2 {
+        weight: weight.clone(),
+        bias: bias.clone(),
+    }
+    .forward(&x)
+    .unwrap();
     let reference = x
         .conv_transpose2d(&weight, 0, 0, 2, 1)
         .unwrap()

@@ -55,10 +55,7 @@ fn empty_dir_is_an_error_and_broken_case_is_a_failure() {
     std::fs::create_dir_all(&case).unwrap();
     std::fs::write(case.join("case.json"), r#"{"kind": "no_such_kind"}"#).unwrap();
     let mut lines = Vec::new();
-    let s = run_dir_with(dir.path(), None, &Device::Cpu, &mut |l| {
-        lines.push(l.to_string())
-    })
-    .unwrap();
+    let s = run_dir_with(dir.path(), None, &Device::Cpu, &mut |l| lines.push(l.to_string())).unwrap();
     assert_eq!((s.passed, s.failed), (0, 1));
     assert_eq!(s.cases[0].name, "nested/broken");
     assert_eq!(lines.last().unwrap(), "0 passed, 1 failed");
@@ -83,24 +80,14 @@ fn case_without_expected_outputs_runs_and_saves_all_outputs() {
         std::fs::copy(src.join(f), case.join(f)).unwrap();
     }
     let io = sgp_sam2::weights::load_state_dict(&src.join("io.safetensors"), &Device::Cpu).unwrap();
-    let inputs: std::collections::HashMap<String, Tensor> = io
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("in."))
-        .collect();
+    let inputs: std::collections::HashMap<String, Tensor> =
+        io.into_iter().filter(|(k, _)| k.starts_with("in.")).collect();
     candle_core::safetensors::save(&inputs, case.join("io.safetensors")).unwrap();
 
     let out = dir.path().join("out");
-    let s = run_dir_with(
-        &dir.path().join("cases"),
-        Some(&out),
-        &Device::Cpu,
-        &mut |_| {},
-    )
-    .unwrap();
+    let s = run_dir_with(&dir.path().join("cases"), Some(&out), &Device::Cpu, &mut |_| {}).unwrap();
     assert_eq!((s.passed, s.failed), (1, 0));
-    let saved =
-        sgp_sam2::weights::load_state_dict(&out.join("ie/outputs.safetensors"), &Device::Cpu)
-            .unwrap();
+    let saved = sgp_sam2::weights::load_state_dict(&out.join("ie/outputs.safetensors"), &Device::Cpu).unwrap();
     let mut names: Vec<&String> = saved.keys().collect();
     names.sort();
     assert_eq!(

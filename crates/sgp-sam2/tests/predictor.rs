@@ -48,27 +48,14 @@ fn predictor_matches_official_image_predictor() {
             true,
         )
         .unwrap();
-    check(
-        "first.mask_logits",
-        &first.mask_logits,
-        &io["out.first.mask_logits"],
-    );
-    check(
-        "first.iou_scores",
-        &first.iou_scores,
-        &io["out.first.iou_scores"],
-    );
+    check("first.mask_logits", &first.mask_logits, &io["out.first.mask_logits"]);
+    check("first.iou_scores", &first.iou_scores, &io["out.first.iou_scores"]);
     check(
         "first.low_res_logits",
         &first.low_res_logits,
         &io["out.first.low_res_logits"],
     );
-    let thresholded = first
-        .mask_logits
-        .gt(0f32)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
+    let thresholded = first.mask_logits.gt(0f32).unwrap().to_dtype(DType::F32).unwrap();
     let masks = first.masks.to_dtype(DType::F32).unwrap();
     assert_eq!(
         (thresholded - masks)
@@ -95,16 +82,8 @@ fn predictor_matches_official_image_predictor() {
             false,
         )
         .unwrap();
-    check(
-        "second.mask_logits",
-        &second.mask_logits,
-        &io["out.second.mask_logits"],
-    );
-    check(
-        "second.iou_scores",
-        &second.iou_scores,
-        &io["out.second.iou_scores"],
-    );
+    check("second.mask_logits", &second.mask_logits, &io["out.second.mask_logits"]);
+    check("second.iou_scores", &second.iou_scores, &io["out.second.iou_scores"]);
     check(
         "second.low_res_logits",
         &second.low_res_logits,
@@ -144,7 +123,5 @@ fn predict_rejects_bad_prompts() {
     assert_eq!(none.low_res_logits.dims(), &[3, 16, 16]);
     assert_eq!(none.iou_scores.dims(), &[3]);
     let wrong_mask = Tensor::zeros((1, 7, 7), DType::F32, &dev).unwrap();
-    assert!(model
-        .predict(&emb, &p(None, Some(wrong_mask)), true)
-        .is_err());
+    assert!(model.predict(&emb, &p(None, Some(wrong_mask)), true).is_err());
 }

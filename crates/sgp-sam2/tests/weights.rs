@@ -66,17 +66,8 @@ fn complete_checkpoint_loads_and_roundtrips_through_safetensors() {
     save(&p, &sd);
     assert_eq!(detect_format(&p).unwrap(), WeightsFileFormat::Safetensors);
     let model = Sam2Model::load(&cfg, &p, &Device::Cpu).unwrap();
-    let want = sd["no_mem_embed"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let got = model
-        .no_mem_embed
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let want = sd["no_mem_embed"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let got = model.no_mem_embed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(want, got);
 }
 
@@ -109,10 +100,7 @@ fn all_key_problems_are_reported_at_once() {
                     "no_mem_pos_enc".into()
                 ]
             );
-            assert_eq!(
-                unexpected,
-                vec!["image_encoder.trunk.extra.weight".to_string()]
-            );
+            assert_eq!(unexpected, vec!["image_encoder.trunk.extra.weight".to_string()]);
             assert_eq!(
                 mismatched,
                 vec![("no_mem_embed".to_string(), vec![1, 1, 256], vec![1, 1, 7])]
@@ -129,14 +117,9 @@ fn half_precision_is_converted_and_integer_tensors_are_rejected() {
     let mut sd = random_state_dict(&keys);
     let f32_val = sd["no_mem_embed"].clone();
     sd.insert("no_mem_embed".into(), f32_val.to_dtype(DType::F16).unwrap());
-    let model =
-        Sam2Model::from_weights(&cfg, &StrictWeights::new(sd.clone()), &Device::Cpu).unwrap();
+    let model = Sam2Model::from_weights(&cfg, &StrictWeights::new(sd.clone()), &Device::Cpu).unwrap();
     assert_eq!(model.no_mem_embed.dtype(), DType::F32);
-    let want = f32_val
-        .to_dtype(DType::F16)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
+    let want = f32_val.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
     let diff = (model.no_mem_embed - want)
         .unwrap()
         .abs()
@@ -169,10 +152,7 @@ fn truncated_and_corrupt_files_are_format_errors() {
     let good = dir.path().join("good.safetensors");
     save(&good, &sd);
     let bytes = std::fs::read(&good).unwrap();
-    assert_eq!(
-        load_state_dict(&good, &Device::Cpu).unwrap()["a"].dims(),
-        &[64, 64]
-    );
+    assert_eq!(load_state_dict(&good, &Device::Cpu).unwrap()["a"].dims(), &[64, 64]);
 
     let cut = dir.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
@@ -198,10 +178,7 @@ fn truncated_and_corrupt_files_are_format_errors() {
     // Looks like a zip (torch.save) but is cut after the magic.
     let bad_zip = dir.path().join("bad.pt");
     std::fs::write(&bad_zip, b"PK\x03\x04\x14\x00\x00\x00garbage").unwrap();
-    assert_eq!(
-        detect_format(&bad_zip).unwrap(),
-        WeightsFileFormat::TorchZip
-    );
+    assert_eq!(detect_format(&bad_zip).unwrap(), WeightsFileFormat::TorchZip);
     assert!(matches!(
         load_state_dict(&bad_zip, &Device::Cpu),
         Err(Error::WeightsFormat { .. })
@@ -215,10 +192,7 @@ fn truncated_and_corrupt_files_are_format_errors() {
     ));
 
     let missing = dir.path().join("nope.safetensors");
-    assert!(matches!(
-        load_state_dict(&missing, &Device::Cpu),
-        Err(Error::Io { .. })
-    ));
+    assert!(matches!(load_state_dict(&missing, &Device::Cpu), Err(Error::Io { .. })));
 }
 
 #[test]
@@ -230,11 +204,7 @@ fn adaptable_linears_are_named_by_checkpoint_path() {
         StrictWeights::new(random_state_dict(&keys)).var_builder(DType::F32, &Device::Cpu),
     )
     .unwrap();
-    let paths: Vec<String> = model
-        .adaptable_linears_mut()
-        .into_iter()
-        .map(|(p, _)| p)
-        .collect();
+    let paths: Vec<String> = model.adaptable_linears_mut().into_iter().map(|(p, _)| p).collect();
     for p in [
         "image_encoder.trunk.blocks.0.attn.qkv",
         "image_encoder.trunk.blocks.0.attn.proj",
@@ -257,8 +227,7 @@ fn adaptable_linears_are_named_by_checkpoint_path() {
 #[test]
 fn preset_requests_exactly_the_official_keys() {
     let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/sam2.1_hiera_t.original_keys.txt"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/sam2.1_hiera_t.original_keys.txt"),
     )
     .unwrap();
     let official: BTreeMap<String, Vec<usize>> = text

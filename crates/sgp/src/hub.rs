@@ -132,8 +132,7 @@ impl Hub {
 
     /// The folder hf-hub keeps a model repo in.
     pub fn repo_cache_dir(&self, repo: &str) -> PathBuf {
-        self.cache_dir()
-            .join(format!("models--{}", repo.replace('/', "--")))
+        self.cache_dir().join(format!("models--{}", repo.replace('/', "--")))
     }
 
     /// Removes partial downloads of `repo` left by a failed transfer.

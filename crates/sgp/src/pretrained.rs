@@ -24,11 +24,19 @@ use crate::{Error, Result};
 pub const OFFICIAL_REPOS: [(&str, &str, &str); 8] = [
     ("facebook/sam2-hiera-tiny", "sam2_hiera_tiny.pt", "sam2_hiera_t"),
     ("facebook/sam2-hiera-small", "sam2_hiera_small.pt", "sam2_hiera_s"),
-    ("facebook/sam2-hiera-base-plus", "sam2_hiera_base_plus.pt", "sam2_hiera_b+"),
+    (
+        "facebook/sam2-hiera-base-plus",
+        "sam2_hiera_base_plus.pt",
+        "sam2_hiera_b+",
+    ),
     ("facebook/sam2-hiera-large", "sam2_hiera_large.pt", "sam2_hiera_l"),
     ("facebook/sam2.1-hiera-tiny", "sam2.1_hiera_tiny.pt", "sam2.1_hiera_t"),
     ("facebook/sam2.1-hiera-small", "sam2.1_hiera_small.pt", "sam2.1_hiera_s"),
-    ("facebook/sam2.1-hiera-base-plus", "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_b+"),
+    (
+        "facebook/sam2.1-hiera-base-plus",
+        "sam2.1_hiera_base_plus.pt",
+        "sam2.1_hiera_b+",
+    ),
     ("facebook/sam2.1-hiera-large", "sam2.1_hiera_large.pt", "sam2.1_hiera_l"),
 ];
 
@@ -38,10 +46,7 @@ pub enum WeightsSpec {
     /// A file or a folder on disk.
     Local(PathBuf),
     /// A hub model repo, optionally at a revision (`owner/name@rev`).
-    Hub {
-        repo: String,
-        revision: Option<String>,
-    },
+    Hub { repo: String, revision: Option<String> },
 }
 
 impl WeightsSpec {
@@ -183,12 +188,7 @@ fn load_from_hub(repo: &str, revision: Option<&str>, options: &LoadOptions) -> R
 }
 
 #[cfg(feature = "hub")]
-fn locate_on_hub(
-    hub: &crate::hub::Hub,
-    repo: &str,
-    revision: Option<&str>,
-    options: &LoadOptions,
-) -> Result<Located> {
+fn locate_on_hub(hub: &crate::hub::Hub, repo: &str, revision: Option<&str>, options: &LoadOptions) -> Result<Located> {
     let official = OFFICIAL_REPOS.iter().find(|(id, _, _)| *id == repo);
     let mut first_error = None;
     if let Some((_, file, preset)) = official {
@@ -203,23 +203,16 @@ fn locate_on_hub(
             Err(e) => return Err(e),
         }
     }
-    let transformers = hub
-        .fetch(repo, revision, "config.json")
-        .and_then(|cfg| match cfg {
-            Some(cfg) => Ok(hub
-                .fetch(repo, revision, "model.safetensors")?
-                .map(|w| (cfg, w))),
-            None => Ok(None),
-        });
+    let transformers = hub.fetch(repo, revision, "config.json").and_then(|cfg| match cfg {
+        Some(cfg) => Ok(hub.fetch(repo, revision, "model.safetensors")?.map(|w| (cfg, w))),
+        None => Ok(None),
+    });
     match transformers {
         Ok(Some((config_json, weights))) => {
             if let Some(cfg) = &options.config {
                 tracing::warn!("--config {cfg} ignored: {repo} carries its own config.json");
             }
-            return Ok(Located::Transformers {
-                weights,
-                config_json,
-            });
+            return Ok(Located::Transformers { weights, config_json });
         }
         Ok(None) => {}
         Err(e) => return Err(first_error.unwrap_or(e)),
@@ -246,10 +239,7 @@ fn locate_local(path: &Path, options: &LoadOptions) -> Result<Located> {
         let config_json = path.join("config.json");
         let weights = path.join("model.safetensors");
         if config_json.is_file() && weights.is_file() && is_transformers_config(&config_json) {
-            return Ok(Located::Transformers {
-                weights,
-                config_json,
-            });
+            return Ok(Located::Transformers { weights, config_json });
         }
         let candidates: Vec<PathBuf> = read_dir_sorted(path)?
             .into_iter()
@@ -326,17 +316,9 @@ fn load_located(located: Located, options: &LoadOptions) -> Result<Pretrained> {
                 has_memory_path: true,
             })
         }
-        Located::Transformers {
-            weights,
-            config_json,
-        } => {
+        Located::Transformers { weights, config_json } => {
             let loaded =
-                transformers_format::load_transformers(
-                &config_json,
-                &weights,
-                options.image_size,
-                &options.device,
-            )?;
+                transformers_format::load_transformers(&config_json, &weights, options.image_size, &options.device)?;
             Ok(Pretrained {
                 model: loaded.model,
                 config: loaded.config,
@@ -397,7 +379,11 @@ fn is_transformers_config(path: &Path) -> bool {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(|m| m.starts_with("sam2")))
+        .and_then(|v| {
+            v.get("model_type")
+                .and_then(|m| m.as_str())
+                .map(|m| m.starts_with("sam2"))
+        })
         .unwrap_or(false)
 }
 
@@ -459,7 +445,10 @@ mod tests {
                 revision: Some("v1".into())
             }
         );
-        assert!(matches!(WeightsSpec::parse("no-such-file.pt"), Err(Error::BadWeightsSpec(_))));
+        assert!(matches!(
+            WeightsSpec::parse("no-such-file.pt"),
+            Err(Error::BadWeightsSpec(_))
+        ));
         assert!(matches!(WeightsSpec::parse("a/b/c"), Err(Error::BadWeightsSpec(_))));
         assert!(matches!(WeightsSpec::parse("a/b@"), Err(Error::BadWeightsSpec(_))));
     }

@@ -30,8 +30,7 @@ fn pt_and_safetensors_load_the_same_model() {
     let cfg = st_case.join("config.json");
 
     let from_pt = load_pretrained(pt_case.join("weights.pt").to_str().unwrap(), &opts(&cfg)).unwrap();
-    let from_st =
-        load_pretrained(st_case.join("weights.safetensors").to_str().unwrap(), &opts(&cfg)).unwrap();
+    let from_st = load_pretrained(st_case.join("weights.safetensors").to_str().unwrap(), &opts(&cfg)).unwrap();
     assert_eq!(from_pt.format, WeightsFormat::OriginalPt);
     assert_eq!(from_st.format, WeightsFormat::OriginalSafetensors);
 

@@ -63,13 +63,10 @@ impl StandIn {
     }
 
     fn serve_with(&self, repo: &str, file: &str, bytes: Vec<u8>, cut_transfer: bool) {
-        self.files.lock().unwrap().insert(
-            format!("{repo}/{file}"),
-            Served {
-                bytes,
-                cut_transfer,
-            },
-        );
+        self.files
+            .lock()
+            .unwrap()
+            .insert(format!("{repo}/{file}"), Served { bytes, cut_transfer });
     }
 }
 
@@ -177,21 +174,22 @@ fn downloads_transformers_repo_then_works_offline_from_cache() {
     let hub = StandIn::start();
     let case = transformers_case();
     hub.serve("test/sam2-hf", "config.json", read(&case.join("config.json")));
-    hub.serve("test/sam2-hf", "model.safetensors", read(&case.join("model.safetensors")));
+    hub.serve(
+        "test/sam2-hf",
+        "model.safetensors",
+        read(&case.join("model.safetensors")),
+    );
     let cache = tempfile::tempdir().unwrap();
 
-    let online = load_pretrained("test/sam2-hf", &options(&hub.endpoint, cache.path(), false))
-        .expect("download and load");
+    let online =
+        load_pretrained("test/sam2-hf", &options(&hub.endpoint, cache.path(), false)).expect("download and load");
     assert_eq!(online.format, WeightsFormat::Transformers);
     assert!(!online.has_memory_path, "Sam2Model checkpoints are image-only");
     assert!(online.weights_path.starts_with(cache.path()));
 
     // Offline: served from the cache, even with the stand-in gone from the options.
-    let offline = load_pretrained(
-        "test/sam2-hf",
-        &options("http://127.0.0.1:9", cache.path(), true),
-    )
-    .expect("cached load");
+    let offline =
+        load_pretrained("test/sam2-hf", &options("http://127.0.0.1:9", cache.path(), true)).expect("cached load");
     assert_eq!(offline.format, WeightsFormat::Transformers);
 }
 
@@ -199,7 +197,11 @@ fn downloads_transformers_repo_then_works_offline_from_cache() {
 fn downloads_original_safetensors_with_a_config() {
     let hub = StandIn::start();
     let case = original_case();
-    hub.serve("test/sam2-orig", "model.safetensors", read(&case.join("weights.safetensors")));
+    hub.serve(
+        "test/sam2-orig",
+        "model.safetensors",
+        read(&case.join("weights.safetensors")),
+    );
     let cache = tempfile::tempdir().unwrap();
     let mut opts = options(&hub.endpoint, cache.path(), false);
     // Without a config the repo cannot be interpreted: a clear error, not a guess.
@@ -241,7 +243,12 @@ fn cut_transfer_leaves_nothing_in_the_cache() {
     let hub = StandIn::start();
     let case = transformers_case();
     hub.serve("test/cut", "config.json", read(&case.join("config.json")));
-    hub.serve_with("test/cut", "model.safetensors", read(&case.join("model.safetensors")), true);
+    hub.serve_with(
+        "test/cut",
+        "model.safetensors",
+        read(&case.join("model.safetensors")),
+        true,
+    );
     let cache = tempfile::tempdir().unwrap();
     let err = load_pretrained("test/cut", &options(&hub.endpoint, cache.path(), false)).unwrap_err();
     assert!(!matches!(err, Error::Sam2(_)), "the transfer itself must fail: {err}");
@@ -301,7 +308,12 @@ fn rewrite_safetensors(src: &Path, drop: &str, as_i64: &str) -> Vec<u8> {
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = owned
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize(views, None).unwrap()
 }

@@ -31,9 +31,7 @@ fn is_patient_dir(p: &Path) -> bool {
 }
 
 fn has_patients(p: &Path) -> bool {
-    subdirs(p)
-        .map(|d| d.iter().any(|x| is_patient_dir(x)))
-        .unwrap_or(false)
+    subdirs(p).map(|d| d.iter().any(|x| is_patient_dir(x))).unwrap_or(false)
 }
 
 /// Folders holding `patientNNN/` directories, found from the given root.
@@ -130,11 +128,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
                 let labels = if gt.is_file() {
                     vec![LabelSource::Map(gt)]
                 } else {
-                    ds.issue(
-                        &gt,
-                        format!("{phase} ground truth missing"),
-                        split != "testing",
-                    );
+                    ds.issue(&gt, format!("{phase} ground truth missing"), split != "testing");
                     Vec::new()
                 };
                 ds.cases.push(Case {

@@ -38,11 +38,7 @@ fn modality_from_stem(stem: &str) -> Modality {
 }
 
 pub fn load(root: &Path) -> Result<Dataset> {
-    let splits: Vec<&str> = SPLITS
-        .iter()
-        .copied()
-        .filter(|s| root.join(s).is_dir())
-        .collect();
+    let splits: Vec<&str> = SPLITS.iter().copied().filter(|s| root.join(s).is_dir()).collect();
     if splits.is_empty() {
         return Err(DataError::layout(
             root,
@@ -85,10 +81,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
                     Some(i) => {
                         let target = stem[i + 1..].replace('+', " ");
                         targets.insert(target.clone());
-                        masks
-                            .entry(stem[..i].to_string())
-                            .or_default()
-                            .push((target, m));
+                        masks.entry(stem[..i].to_string()).or_default().push((target, m));
                     }
                     None => ds.issue(
                         &m,
@@ -122,10 +115,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
         meta.insert("split".to_string(), split);
         meta.insert(
             "targets".to_string(),
-            ms.iter()
-                .map(|(t, _)| t.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            ms.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>().join(", "),
         );
         ds.cases.push(Case {
             id: stem.clone(),

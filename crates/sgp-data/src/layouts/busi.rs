@@ -45,10 +45,7 @@ fn parse_mask_name(stem: &str) -> Option<(String, u32)> {
     if rest.is_empty() {
         Some((base.to_string(), 0))
     } else {
-        rest.strip_prefix('_')?
-            .parse()
-            .ok()
-            .map(|n| (base.to_string(), n))
+        rest.strip_prefix('_')?.parse().ok().map(|n| (base.to_string(), n))
     }
 }
 
@@ -126,14 +123,8 @@ mod tests {
 
     #[test]
     fn mask_names() {
-        assert_eq!(
-            parse_mask_name("benign (4)_mask"),
-            Some(("benign (4)".into(), 0))
-        );
-        assert_eq!(
-            parse_mask_name("benign (4)_mask_1"),
-            Some(("benign (4)".into(), 1))
-        );
+        assert_eq!(parse_mask_name("benign (4)_mask"), Some(("benign (4)".into(), 0)));
+        assert_eq!(parse_mask_name("benign (4)_mask_1"), Some(("benign (4)".into(), 1)));
         assert_eq!(parse_mask_name("benign (4)"), None);
         assert_eq!(parse_mask_name("x_mask_a"), None);
     }

@@ -33,14 +33,16 @@ fn is_patient_dir(p: &Path) -> bool {
 }
 
 fn patients_root(root: &Path) -> Option<PathBuf> {
-    let has = |p: &Path| {
-        subdirs(p)
-            .map(|d| d.iter().any(|x| is_patient_dir(x)))
-            .unwrap_or(false)
-    };
+    let has = |p: &Path| subdirs(p).map(|d| d.iter().any(|x| is_patient_dir(x))).unwrap_or(false);
     super::find_root(
         root,
-        &["", "database_nifti", "CAMUS_public/database_nifti", "training", "database"],
+        &[
+            "",
+            "database_nifti",
+            "CAMUS_public/database_nifti",
+            "training",
+            "database",
+        ],
         has,
     )
 }

@@ -44,11 +44,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
     for (i, entry) in list.iter().enumerate() {
         let field = |k: &str| entry.get(k).and_then(Value::as_str).map(str::to_string);
         let (Some(id), Some(image)) = (field("id"), field("image")) else {
-            ds.issue(
-                &json_path,
-                format!("cases[{i}] lacks \"id\" or \"image\""),
-                true,
-            );
+            ds.issue(&json_path, format!("cases[{i}] lacks \"id\" or \"image\""), true);
             continue;
         };
         // Paths stay inside the dataset folder.

@@ -18,26 +18,14 @@ use crate::io::{file_kind, file_stem, FileKind};
 use crate::labels::{LabelCoding, LabelDefinition};
 
 const IMAGE_DIRS: [&str; 4] = ["images", "imgs", "image", "Images"];
-const MASK_DIRS: [&str; 7] = [
-    "masks",
-    "labels",
-    "mask",
-    "gt",
-    "annotations",
-    "Masks",
-    "Labels",
-];
+const MASK_DIRS: [&str; 7] = ["masks", "labels", "mask", "gt", "annotations", "Masks", "Labels"];
 const MASK_SUFFIXES: [&str; 6] = ["_mask", "_gt", "_label", "_seg", "_segmentation", "_labels"];
 
 pub fn load(root: &Path) -> Result<Dataset> {
     let images_dir = find_root(root, &IMAGE_DIRS, |_| true)
         .ok_or_else(|| DataError::layout(root, "no images/ folder (images, imgs or image)"))?;
-    let masks_dir = find_root(root, &MASK_DIRS, |_| true).ok_or_else(|| {
-        DataError::layout(
-            root,
-            "no masks/ folder (masks, labels, mask, gt or annotations)",
-        )
-    })?;
+    let masks_dir = find_root(root, &MASK_DIRS, |_| true)
+        .ok_or_else(|| DataError::layout(root, "no masks/ folder (masks, labels, mask, gt or annotations)"))?;
     let mut labels = LabelDefinition::new(&[(1, "foreground")], LabelCoding::Integer);
     labels.open = true;
     let mut ds = Dataset {
@@ -49,10 +37,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
         issues: Vec::new(),
     };
     let mut masks: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for m in files(&masks_dir)?
-        .into_iter()
-        .filter(|p| file_kind(p).is_some())
-    {
+    for m in files(&masks_dir)?.into_iter().filter(|p| file_kind(p).is_some()) {
         let mut stem = file_stem(&m);
         for s in MASK_SUFFIXES {
             if let Some(base) = stem.strip_suffix(s) {
@@ -60,28 +45,15 @@ pub fn load(root: &Path) -> Result<Dataset> {
                 break;
             }
         }
-        if file_kind(&m) == Some(FileKind::Raster)
-            && m.to_string_lossy().to_ascii_lowercase().ends_with(".jpg")
-        {
-            ds.issue(
-                &m,
-                "JPEG mask: lossy compression alters label values",
-                false,
-            );
+        if file_kind(&m) == Some(FileKind::Raster) && m.to_string_lossy().to_ascii_lowercase().ends_with(".jpg") {
+            ds.issue(&m, "JPEG mask: lossy compression alters label values", false);
         }
         if let Some(prev) = masks.insert(stem.clone(), m.clone()) {
-            ds.issue(
-                &m,
-                format!("two masks for {stem:?} (also {})", prev.display()),
-                true,
-            );
+            ds.issue(&m, format!("two masks for {stem:?} (also {})", prev.display()), true);
         }
     }
     let mut used = std::collections::BTreeSet::new();
-    for image in files(&images_dir)?
-        .into_iter()
-        .filter(|p| file_kind(p).is_some())
-    {
+    for image in files(&images_dir)?.into_iter().filter(|p| file_kind(p).is_some()) {
         let stem = file_stem(&image);
         let Some(mask) = masks.get(&stem) else {
             ds.issue(&image, "image without a mask", true);

@@ -71,19 +71,9 @@ pub(crate) fn walk(dir: &Path, max_depth: usize) -> Result<Vec<PathBuf>> {
 }
 
 /// The first of `candidates` (relative to `root`, "" for root itself) that satisfies `accept`.
-pub(crate) fn find_root(
-    root: &Path,
-    candidates: &[&str],
-    accept: impl Fn(&Path) -> bool,
-) -> Option<PathBuf> {
+pub(crate) fn find_root(root: &Path, candidates: &[&str], accept: impl Fn(&Path) -> bool) -> Option<PathBuf> {
     candidates
         .iter()
-        .map(|c| {
-            if c.is_empty() {
-                root.to_path_buf()
-            } else {
-                root.join(c)
-            }
-        })
+        .map(|c| if c.is_empty() { root.to_path_buf() } else { root.join(c) })
         .find(|p| p.is_dir() && accept(p))
 }

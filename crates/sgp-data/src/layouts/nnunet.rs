@@ -36,8 +36,7 @@ pub struct DatasetJson {
 /// Read and interpret a `dataset.json`.
 pub fn read_dataset_json(path: &Path) -> Result<DatasetJson> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    let raw: Value =
-        serde_json::from_str(&text).map_err(|e| DataError::parse(path, e.to_string()))?;
+    let raw: Value = serde_json::from_str(&text).map_err(|e| DataError::parse(path, e.to_string()))?;
     let obj = raw
         .as_object()
         .ok_or_else(|| DataError::parse(path, "not a JSON object"))?;
@@ -48,9 +47,9 @@ pub fn read_dataset_json(path: &Path) -> Result<DatasetJson> {
         .and_then(Value::as_object)
     {
         for (k, v) in ch {
-            let idx: usize = k.parse().map_err(|_| {
-                DataError::parse(path, format!("channel key {k:?} is not an integer"))
-            })?;
+            let idx: usize = k
+                .parse()
+                .map_err(|_| DataError::parse(path, format!("channel key {k:?} is not an integer")))?;
             channels.insert(idx, v.as_str().unwrap_or_default().to_string());
         }
     }
@@ -63,11 +62,7 @@ pub fn read_dataset_json(path: &Path) -> Result<DatasetJson> {
         .ok_or_else(|| DataError::parse(path, "no \"labels\" object"))?;
     let mut names: BTreeMap<u16, String> = BTreeMap::new();
     let mut members: Vec<u16> = Vec::new();
-    let as_label = |v: &Value| {
-        v.as_u64()
-            .filter(|&x| x <= u16::MAX as u64)
-            .map(|x| x as u16)
-    };
+    let as_label = |v: &Value| v.as_u64().filter(|&x| x <= u16::MAX as u64).map(|x| x as u16);
     for (k, v) in labels_obj {
         if let Some(l) = as_label(v) {
             names.insert(l, k.clone()); // v2: name -> value
@@ -75,15 +70,11 @@ pub fn read_dataset_json(path: &Path) -> Result<DatasetJson> {
             names.insert(l, n.to_string()); // v1: "value" -> name
         } else if let Some(list) = v.as_array() {
             for x in list {
-                members.push(as_label(x).ok_or_else(|| {
-                    DataError::parse(path, format!("label region {k:?} holds {x}"))
-                })?);
+                members
+                    .push(as_label(x).ok_or_else(|| DataError::parse(path, format!("label region {k:?} holds {x}")))?);
             }
         } else {
-            return Err(DataError::parse(
-                path,
-                format!("cannot read label entry {k:?}: {v}"),
-            ));
+            return Err(DataError::parse(path, format!("cannot read label entry {k:?}: {v}")));
         }
     }
     for m in members {
@@ -108,10 +99,7 @@ pub fn read_dataset_json(path: &Path) -> Result<DatasetJson> {
             coding: LabelCoding::Integer,
         },
         file_ending,
-        num_training: obj
-            .get("numTraining")
-            .and_then(Value::as_u64)
-            .map(|n| n as usize),
+        num_training: obj.get("numTraining").and_then(Value::as_u64).map(|n| n as usize),
         raw,
     })
 }
@@ -127,19 +115,12 @@ pub(crate) fn dataset_root(root: &Path) -> Result<PathBuf> {
         .collect();
     match found.len() {
         1 => Ok(found[0].clone()),
-        0 => Err(DataError::layout(
-            root,
-            "no dataset.json here or in a sub-folder",
-        )),
+        0 => Err(DataError::layout(root, "no dataset.json here or in a sub-folder")),
         _ => Err(DataError::layout(
             root,
             format!(
                 "several datasets here ({}); pass one of them",
-                found
-                    .iter()
-                    .map(|p| name_of(p))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                found.iter().map(|p| name_of(p)).collect::<Vec<_>>().join(", ")
             ),
         )),
     }
@@ -174,10 +155,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
     };
     let modality = Modality::parse(dj.channels.get(&0).map(String::as_str).unwrap_or(""));
     let n_channels = dj.channels.len();
-    for (split, images_dir, labels_dir) in [
-        ("train", "imagesTr", Some("labelsTr")),
-        ("test", "imagesTs", None),
-    ] {
+    for (split, images_dir, labels_dir) in [("train", "imagesTr", Some("labelsTr")), ("test", "imagesTs", None)] {
         let images = by_stem(&base.join(images_dir), &dj.file_ending)?;
         let labels = match labels_dir {
             Some(l) => by_stem(&base.join(l), &dj.file_ending)?,
@@ -196,11 +174,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
                 Some((case, ch)) => {
                     cases.entry(case.to_string()).or_default().insert(ch, path);
                 }
-                None => ds.issue(
-                    &path,
-                    "image name does not end with a 4-digit channel (_0000)",
-                    true,
-                ),
+                None => ds.issue(&path, "image name does not end with a 4-digit channel (_0000)", true),
             }
         }
         for (case, label) in &labels {
@@ -214,9 +188,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
                 match channels.get(&ch) {
                     Some(p) => paths.push(p.clone()),
                     None => ds.issue(
-                        &base
-                            .join(images_dir)
-                            .join(format!("{case}_{ch:04}{}", dj.file_ending)),
+                        &base.join(images_dir).join(format!("{case}_{ch:04}{}", dj.file_ending)),
                         "channel missing",
                         true,
                     ),
@@ -227,11 +199,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
             }
             let label = labels.get(&case).cloned();
             if label.is_none() && split == "train" {
-                ds.issue(
-                    &paths[0],
-                    "training image without a label in labelsTr/",
-                    true,
-                );
+                ds.issue(&paths[0], "training image without a label in labelsTr/", true);
                 continue;
             }
             let mut meta = BTreeMap::new();

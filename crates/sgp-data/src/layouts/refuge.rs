@@ -63,17 +63,10 @@ pub fn load(root: &Path) -> Result<Dataset> {
         let rel = f.strip_prefix(root).unwrap_or(&f);
         let in_mask_folder = rel
             .parent()
-            .map(|p| {
-                p.components()
-                    .any(|c| is_mask_folder(&c.as_os_str().to_string_lossy()))
-            })
+            .map(|p| p.components().any(|c| is_mask_folder(&c.as_os_str().to_string_lossy())))
             .unwrap_or(false);
         let key = file_stem(&f).to_ascii_lowercase();
-        let target = if in_mask_folder {
-            &mut masks
-        } else {
-            &mut images
-        };
+        let target = if in_mask_folder { &mut masks } else { &mut images };
         if let Some(prev) = target.insert(key.clone(), f.clone()) {
             ds.issue(
                 &f,
@@ -83,10 +76,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
         }
     }
     if images.is_empty() && masks.is_empty() {
-        return Err(DataError::layout(
-            root,
-            "no fundus images (.jpg/.png/.bmp) found",
-        ));
+        return Err(DataError::layout(root, "no fundus images (.jpg/.png/.bmp) found"));
     }
     for (key, m) in &masks {
         if !images.contains_key(key) {
@@ -112,11 +102,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
         let labels = match masks.get(&key) {
             Some(m) => vec![LabelSource::Map(m.clone())],
             None => {
-                ds.issue(
-                    &image,
-                    "image without a disc/cup mask (unlabelled test image?)",
-                    false,
-                );
+                ds.issue(&image, "image without a disc/cup mask (unlabelled test image?)", false);
                 Vec::new()
             }
         };

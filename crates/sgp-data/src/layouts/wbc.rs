@@ -32,9 +32,7 @@ pub fn labels() -> LabelDefinition {
 /// `Dataset 1` -> `Some(1)`.
 fn dataset_number(p: &Path) -> Option<u32> {
     let n = name_of(p);
-    n.strip_prefix("Dataset")
-        .map(str::trim)
-        .and_then(|s| s.parse().ok())
+    n.strip_prefix("Dataset").map(str::trim).and_then(|s| s.parse().ok())
 }
 
 pub fn load(root: &Path) -> Result<Dataset> {

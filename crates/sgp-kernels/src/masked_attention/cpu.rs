@@ -43,20 +43,12 @@ impl Problem<'_> {
     /// The bias row (length `lk`) that query `i` of batch `bi` sees.
     #[inline]
     fn bias_row(&self, bi: usize, i: usize) -> &[f32] {
-        let row = if self.bias_per_query {
-            bi * self.lq + i
-        } else {
-            bi
-        };
+        let row = if self.bias_per_query { bi * self.lq + i } else { bi };
         &self.bias[row * self.lk..(row + 1) * self.lk]
     }
 
     fn check(&self) {
-        let rows = if self.bias_per_query {
-            self.b * self.lq
-        } else {
-            self.b
-        };
+        let rows = if self.bias_per_query { self.b * self.lq } else { self.b };
         assert_eq!(self.q.len(), self.b * self.h * self.lq * self.d);
         assert_eq!(self.kv.len(), self.b * self.h * self.lk * 2 * self.d);
         assert_eq!(self.bias.len(), rows * self.lk);
@@ -245,16 +237,14 @@ pub(crate) fn forward(pr: &Problem, with_lse: bool) -> Vec<f32> {
     if out.is_empty() {
         return out;
     }
-    out.par_chunks_mut(lq * w)
-        .enumerate()
-        .for_each(|(bh, out_bh)| {
-            out_bh
-                .par_chunks_mut(FWD_BQ * w)
-                .enumerate()
-                .for_each(|(qt, out_tile)| {
-                    forward_tile(pr, bh, qt * FWD_BQ, out_tile, w);
-                })
-        });
+    out.par_chunks_mut(lq * w).enumerate().for_each(|(bh, out_bh)| {
+        out_bh
+            .par_chunks_mut(FWD_BQ * w)
+            .enumerate()
+            .for_each(|(qt, out_tile)| {
+                forward_tile(pr, bh, qt * FWD_BQ, out_tile, w);
+            })
+    });
     out
 }
 
@@ -415,12 +405,8 @@ pub(crate) fn backward(pr: &Problem, saved: &Saved, want_dbias: bool) -> Grads {
                 let bh = bi * h + hi;
                 // SAFETY: task (bi, kt) alone writes dkv rows [bi, every head, k0..k0+nk] and
                 // the dbias entries of keys k0..k0+nk of batch bi (every query row).
-                let dkv_rows = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        dkv_ptr.get().add((bh * lk + k0) * 2 * d),
-                        nk * 2 * d,
-                    )
-                };
+                let dkv_rows =
+                    unsafe { std::slice::from_raw_parts_mut(dkv_ptr.get().add((bh * lk + k0) * 2 * d), nk * 2 * d) };
                 let dbias_view = if want_dbias {
                     Some(DbiasView {
                         ptr: dbias_ptr,
@@ -610,14 +596,9 @@ fn key_tile_backward(
         if let Some(v) = &dbias {
             debug_assert_eq!((v.k0, v.nk), (k0, nk));
             for i in 0..nq {
-                let row = if pr.bias_per_query {
-                    v.bi * lq + q0 + i
-                } else {
-                    v.bi
-                };
+                let row = if pr.bias_per_query { v.bi * lq + q0 + i } else { v.bi };
                 // SAFETY: see DbiasView: this task alone writes keys k0..k0+nk of batch bi.
-                let out =
-                    unsafe { std::slice::from_raw_parts_mut(v.ptr.get().add(row * lk + k0), nk) };
+                let out = unsafe { std::slice::from_raw_parts_mut(v.ptr.get().add(row * lk + k0), nk) };
                 for (o, &g) in out.iter_mut().zip(&ds[i * ld..i * ld + nk]) {
                     *o += g;
                 }
@@ -668,10 +649,7 @@ fn key_tile_backward(
 fn softmax_grad(p: &[f32], dp: &mut [f32], delta: &[f32], nq: usize, nk: usize, ld: usize) {
     for i in 0..nq {
         let di = delta[i];
-        for (g, &pv) in dp[i * ld..i * ld + nk]
-            .iter_mut()
-            .zip(&p[i * ld..i * ld + nk])
-        {
+        for (g, &pv) in dp[i * ld..i * ld + nk].iter_mut().zip(&p[i * ld..i * ld + nk]) {
             *g = pv * (*g - di);
         }
     }

@@ -60,21 +60,13 @@ fn view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f
 
 fn check_d(d: usize) -> Result<()> {
     if !SUPPORTED_D.contains(&d) {
-        candle_core::bail!(
-            "masked_attention: no CUDA kernel for head size {d} (have {SUPPORTED_D:?})"
-        );
+        candle_core::bail!("masked_attention: no CUDA kernel for head size {d} (have {SUPPORTED_D:?})");
     }
     Ok(())
 }
 
 /// The bias buffer (`[B,Lk]` or `[B,Lq,Lk]`) from the probability map.
-fn prepare_bias(
-    dev: &CudaDevice,
-    p: &CudaView<f32>,
-    rows: usize,
-    lk: usize,
-    mode: MaskMode,
-) -> Result<CudaSlice<f32>> {
+fn prepare_bias(dev: &CudaDevice, p: &CudaView<f32>, rows: usize, lk: usize, mode: MaskMode) -> Result<CudaSlice<f32>> {
     let bias = unsafe { dev.alloc::<f32>((rows * lk).max(1))? };
     if rows == 0 {
         return Ok(bias);
@@ -144,13 +136,7 @@ pub(crate) fn forward(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let (h_i, lq_i, lk_i, bpq, w_i) = (
-        h as i32,
-        lq as i32,
-        lk as i32,
-        i32::from(p_per_query),
-        w as i32,
-    );
+    let (h_i, lq_i, lk_i, bpq, w_i) = (h as i32, lq as i32, lk as i32, i32::from(p_per_query), w as i32);
     let mut bld = func.builder();
     bld.arg(&q);
     bld.arg(&kv);
@@ -200,13 +186,8 @@ pub(crate) fn backward(
     let (ps, pl) = p.storage_and_layout();
     let (rs, rl) = res.storage_and_layout();
     let (gs, gl) = dout.storage_and_layout();
-    let (
-        Storage::Cuda(qs),
-        Storage::Cuda(kvs),
-        Storage::Cuda(ps),
-        Storage::Cuda(rs),
-        Storage::Cuda(gs),
-    ) = (&*qs, &*kvs, &*ps, &*rs, &*gs)
+    let (Storage::Cuda(qs), Storage::Cuda(kvs), Storage::Cuda(ps), Storage::Cuda(rs), Storage::Cuda(gs)) =
+        (&*qs, &*kvs, &*ps, &*rs, &*gs)
     else {
         candle_core::bail!("masked_attention: backward inputs must all be on the same CUDA device");
     };
@@ -236,13 +217,7 @@ pub(crate) fn backward(
     } else {
         None
     };
-    let (h_i, lq_i, lk_i, bpq, d_i) = (
-        h as i32,
-        lq as i32,
-        lk as i32,
-        i32::from(p_per_query),
-        d as i32,
-    );
+    let (h_i, lq_i, lk_i, bpq, d_i) = (h as i32, lq as i32, lk as i32, i32::from(p_per_query), d as i32);
     let null = 0usize;
 
     if rows > 0 {

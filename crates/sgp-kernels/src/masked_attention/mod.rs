@@ -108,13 +108,7 @@ fn shape_err(msg: String) -> Error {
     Error::Shape(format!("masked_attention: {msg}"))
 }
 
-fn validate(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    p: &Tensor,
-    opts: &MaskedAttentionOptions,
-) -> Result<Dims> {
+fn validate(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, opts: &MaskedAttentionOptions) -> Result<Dims> {
     let (b, h, lq, d) = q
         .dims4()
         .map_err(|_| shape_err(format!("q must be [B,H,Lq,D], got {:?}", q.dims())))?;
@@ -122,11 +116,7 @@ fn validate(
         .dims4()
         .map_err(|_| shape_err(format!("k must be [B,H,Lk,D], got {:?}", k.dims())))?;
     if (kb, kh, kd) != (b, h, d) {
-        return Err(shape_err(format!(
-            "k {:?} does not match q {:?}",
-            k.dims(),
-            q.dims()
-        )));
+        return Err(shape_err(format!("k {:?} does not match q {:?}", k.dims(), q.dims())));
     }
     if v.dims() != k.dims() {
         return Err(shape_err(format!(
@@ -136,9 +126,7 @@ fn validate(
         )));
     }
     if d == 0 || lk == 0 {
-        return Err(shape_err(format!(
-            "D and Lk must be positive, got D={d}, Lk={lk}"
-        )));
+        return Err(shape_err(format!("D and Lk must be positive, got D={d}, Lk={lk}")));
     }
     let p_per_query = match p.dims() {
         [pb, pl] if (*pb, *pl) == (b, lk) => false,
@@ -215,12 +203,7 @@ fn softmax_scale(opts: &MaskedAttentionOptions, d: usize) -> f32 {
 }
 
 /// Multiplies output rows by the query-side probability, if asked (`out`: `[B,H,Lq,D]` f32).
-fn apply_query_scaling(
-    out: Tensor,
-    p: &Tensor,
-    dims: &Dims,
-    opts: &MaskedAttentionOptions,
-) -> Result<Tensor> {
+fn apply_query_scaling(out: Tensor, p: &Tensor, dims: &Dims, opts: &MaskedAttentionOptions) -> Result<Tensor> {
     let qp = match opts.query_scaling {
         QueryScaling::Off => return Ok(out),
         QueryScaling::FromKeyMap => p.clone(),
@@ -296,12 +279,7 @@ pub fn naive_masked_attention(
     } else {
         DType::F32
     };
-    let (q, k, v, pf) = (
-        q.to_dtype(dt)?,
-        k.to_dtype(dt)?,
-        v.to_dtype(dt)?,
-        p.to_dtype(dt)?,
-    );
+    let (q, k, v, pf) = (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?, p.to_dtype(dt)?);
     let scale = softmax_scale(opts, dims.d) as f64;
     let logits = (q.matmul(&k.t()?)? * scale)?;
     // Bias as [B,1,Lq or 1,Lk], broadcast over heads (and queries for a key map).
@@ -316,12 +294,9 @@ pub fn naive_masked_attention(
             let kept = p4.ge(HARD_THRESHOLD as f64)?;
             let any_kept = kept.to_dtype(dt)?.max_keepdim(D::Minus1)?;
             // Kept, or the whole row is excluded (fallback to plain attention).
-            let allowed = kept
-                .to_dtype(dt)?
-                .broadcast_maximum(&any_kept.affine(-1.0, 1.0)?)?;
+            let allowed = kept.to_dtype(dt)?.broadcast_maximum(&any_kept.affine(-1.0, 1.0)?)?;
             let zeros = allowed.zeros_like()?;
-            let neg_inf =
-                Tensor::full(f64::NEG_INFINITY, allowed.shape(), allowed.device())?.to_dtype(dt)?;
+            let neg_inf = Tensor::full(f64::NEG_INFINITY, allowed.shape(), allowed.device())?.to_dtype(dt)?;
             allowed.ge(0.5)?.where_cond(&zeros, &neg_inf)?
         }
     };
@@ -358,11 +333,7 @@ impl FusedMaskedAttention {
 
     fn p_shape(&self) -> Shape {
         let Dims {
-            b,
-            lq,
-            lk,
-            p_per_query,
-            ..
+            b, lq, lk, p_per_query, ..
         } = self.dims;
         if p_per_query {
             Shape::from((b, lq, lk))
@@ -417,11 +388,7 @@ impl CustomOp3 for FusedMaskedAttention {
         check_shape(l1, &Shape::from((b, h, lq, d)), "q")?;
         check_shape(l2, &self.kv_shape(), "kv")?;
         check_shape(l3, &self.p_shape(), "p")?;
-        let (q, kv, p) = (
-            cpu_f32(s1, l1, "q")?,
-            cpu_f32(s2, l2, "kv")?,
-            cpu_f32(s3, l3, "p")?,
-        );
+        let (q, kv, p) = (cpu_f32(s1, l1, "q")?, cpu_f32(s2, l2, "kv")?, cpu_f32(s3, l3, "p")?);
         let bias = cpu::prepare_bias(p, lk, self.mode);
         let pr = cpu::Problem {
             b,
@@ -481,11 +448,7 @@ impl CustomOp3 for FusedMaskedAttention {
         let kv = kv.detach().contiguous()?;
         let p = p.detach().contiguous()?;
         let res = res.detach().contiguous()?;
-        let dout = grad_res
-            .detach()
-            .narrow(3, 0, d)?
-            .contiguous()?
-            .to_dtype(DType::F32)?;
+        let dout = grad_res.detach().narrow(3, 0, d)?.contiguous()?.to_dtype(DType::F32)?;
         let (dq, dkv, dbias) = match q.device() {
             Device::Cpu => {
                 let (qs, ql) = q.storage_and_layout();
@@ -493,13 +456,8 @@ impl CustomOp3 for FusedMaskedAttention {
                 let (ps, pl) = p.storage_and_layout();
                 let (rs, rl) = res.storage_and_layout();
                 let (gs, gl) = dout.storage_and_layout();
-                let (
-                    Storage::Cpu(qs),
-                    Storage::Cpu(kvs),
-                    Storage::Cpu(ps),
-                    Storage::Cpu(rs),
-                    Storage::Cpu(gs),
-                ) = (&*qs, &*kvs, &*ps, &*rs, &*gs)
+                let (Storage::Cpu(qs), Storage::Cpu(kvs), Storage::Cpu(ps), Storage::Cpu(rs), Storage::Cpu(gs)) =
+                    (&*qs, &*kvs, &*ps, &*rs, &*gs)
                 else {
                     candle_core::bail!("masked_attention: backward inputs must all be on the CPU");
                 };

@@ -93,16 +93,13 @@ pub fn lesion_slices(case: &str, count: usize, s: usize) -> Vec<Sample> {
                     mask.push(if at(&lbl, x, y, z) > 0.5 { 1f32 } else { 0f32 });
                 }
             }
-            let (lo, hi) = pix
-                .iter()
-                .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+            let (lo, hi) = pix.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
             let pix: Vec<f32> = pix.iter().map(|v| (v - lo) / (hi - lo).max(1e-6)).collect();
             let (mut bx0, mut by0, mut bx1, mut by1) = (s as f32, s as f32, 0f32, 0f32);
             for (k, &m) in mask.iter().enumerate() {
                 if m > 0.5 {
                     let (x, y) = ((k % s) as f32, (k / s) as f32);
-                    (bx0, by0, bx1, by1) =
-                        (bx0.min(x), by0.min(y), bx1.max(x + 1.0), by1.max(y + 1.0));
+                    (bx0, by0, bx1, by1) = (bx0.min(x), by0.min(y), bx1.max(x + 1.0), by1.max(y + 1.0));
                 }
             }
             let gray = Tensor::from_vec(pix, (1, s, s), &Device::Cpu).unwrap();

@@ -6,13 +6,7 @@ use candle_core::{Tensor, Var};
 /// Central differences on `picks` entries of each var vs the autograd gradient of
 /// `loss()`. Returns the worst relative error `|g - fd| / max(|g|, |fd|, floor)` and the
 /// number of entries whose autograd gradient is non-zero.
-pub fn check(
-    vars: &[(String, Var)],
-    loss: &dyn Fn() -> Tensor,
-    eps: f64,
-    picks: usize,
-    floor: f64,
-) -> (f64, usize) {
+pub fn check(vars: &[(String, Var)], loss: &dyn Fn() -> Tensor, eps: f64, picks: usize, floor: f64) -> (f64, usize) {
     let l = loss();
     let grads = l.backward().unwrap();
     let mut worst = 0.0f64;
@@ -48,11 +42,7 @@ pub fn check(
             if g[idx] != 0.0 {
                 nonzero += 1;
             }
-            assert!(
-                err.is_finite(),
-                "{name}[{idx}]: autograd {} vs fd {fd}",
-                g[idx]
-            );
+            assert!(err.is_finite(), "{name}[{idx}]: autograd {} vs fd {fd}", g[idx]);
             worst = worst.max(err);
             if err > 1e-2 {
                 eprintln!(

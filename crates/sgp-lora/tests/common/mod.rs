@@ -53,10 +53,7 @@ pub struct ToyModel {
 
 fn linear(rng: &mut Rng, i: usize, o: usize, dtype: DType) -> AdaptableLinear {
     let s = 1.0 / (i as f64).sqrt();
-    AdaptableLinear::new(
-        rng.tensor(&[o, i], s, dtype),
-        Some(rng.tensor(&[o], 0.1, dtype)),
-    )
+    AdaptableLinear::new(rng.tensor(&[o, i], s, dtype), Some(rng.tensor(&[o], 0.1, dtype)))
 }
 
 impl ToyModel {

@@ -29,14 +29,7 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 }
 
 impl SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         let dims = s.dims().to_vec();
         let mut rng = super::Rng::new(name_seed(self.seed, name));
         let is_norm = name.contains("norm") && name.ends_with("weight");
@@ -45,10 +38,7 @@ impl SimpleBackend for RandomWeights {
         } else if name.ends_with("bias") || dims.len() < 2 {
             (0.0, 0.1)
         } else {
-            (
-                0.0,
-                1.0 / (dims[1..].iter().product::<usize>() as f64).sqrt(),
-            )
+            (0.0, 1.0 / (dims[1..].iter().product::<usize>() as f64).sqrt())
         };
         let n: usize = dims.iter().product();
         let v: Vec<f64> = (0..n).map(|_| offset + scale * rng.next()).collect();
