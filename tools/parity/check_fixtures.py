@@ -32,6 +32,9 @@ KIND_OUTPUTS = {
     "memory_encoder": ["maskmem_features", "maskmem_pos_enc"],
     "memory_attention": ["pix_feat_with_mem"],
     "track": ["pred_masks", "obj_ptr", "object_score_logits", "maskmem_features"],
+    "support_pseudo_mask": list(G.PMG_OUTPUTS),
+    "sgp_init": list(G.PMG_OUTPUTS) + ["box", "final_logits"],
+    "support_track": ["pred_masks", "obj_ptr", "object_score_logits", "maskmem_features"],
 }
 
 
@@ -57,11 +60,45 @@ def expected_shapes(kind, case, cfg, io):
     if kind == "memory_attention":
         b = io["in.curr"].shape[1]
         return {"pix_feat_with_mem": [e * e, b, c]}
-    if kind == "track":
+    if kind in ("track", "support_track"):
         t = io["in.frames"].shape[0]
         return {"pred_masks": [t, 1, 4 * e, 4 * e], "obj_ptr": [t, c], "object_score_logits": [t, 1],
                 "maskmem_features": [t, m, e, e]}
+    if kind in ("support_pseudo_mask", "sgp_init"):
+        q = io["in.query"].shape[0]
+        return {"pix_feat_with_mem": [q, c, e, e], "pred_masks": [q, 1, 4 * e, 4 * e],
+                "pred_masks_high_res": [q, 1, s, s], "object_score_logits": [q, 1], "obj_ptr": [q, c],
+                "box": [q, 4], "final_logits": [q, 1, s, s]}
     raise ValueError(f"unknown kind {kind}")
+
+
+def sgp_checks(kind, case, model, io):
+    """The SGP kinds' own consistency: inputs as the spec says, the outputs recomputed a
+    second way (explicit memory selection + memory attention + SAM heads), and for sgp_init
+    the PMG outputs equal `support_pseudo_mask` on the same inputs and the boxes are robust."""
+    problems = []
+    si, sm = io["in.support_images"], io["in.support_masks"]
+    if si.shape[0] != sm.shape[0] or list(sm.shape[1:]) != [1, *si.shape[2:]]:
+        problems.append(f"support shapes {list(si.shape)} / {list(sm.shape)}")
+    if not bool(((sm == 0) | (sm == 1)).all()):
+        problems.append("support_masks are not 0/1")
+    outs = {k[4:]: v for k, v in io.items() if k.startswith("out.")}
+    try:
+        if kind == "support_track":
+            if case.get("bank") != "sam2":
+                problems.append(f'bank {case.get("bank")!r}, only "sam2" has a reference')
+            G.self_check_track(model, si, sm, io["in.frames"], outs)
+        elif kind == "support_pseudo_mask":
+            G.self_check_pseudo_mask(model, si, sm, io["in.query"], outs)
+        else:
+            G.self_check_sgp_init(model, si, sm, io["in.query"], outs)
+            for q in range(io["in.query"].shape[0]):
+                hr = outs["pred_masks_high_res"][q, 0]
+                if G.box_from_logits(hr) is not None and not G.box_is_robust(hr):
+                    problems.append(f"query {q}: its box depends on logits within rounding of 0")
+    except AssertionError as e:
+        problems.append(str(e))
+    return problems
 
 
 def recompute(kind, case, model, io):
@@ -80,6 +117,12 @@ def recompute(kind, case, model, io):
     if kind == "track":
         return G.ref_track(model, io["in.frames"], get("in.point_coords"), get("in.point_labels"),
                            get("in.mask_inputs"))
+    if kind == "support_pseudo_mask":
+        return G.ref_support_pseudo_mask(model, io["in.support_images"], io["in.support_masks"], io["in.query"])
+    if kind == "sgp_init":
+        return G.ref_sgp_init(model, io["in.support_images"], io["in.support_masks"], io["in.query"])
+    if kind == "support_track":
+        return G.ref_support_track(model, io["in.support_images"], io["in.support_masks"], io["in.frames"])
     raise ValueError(kind)
 
 
@@ -94,7 +137,8 @@ def pass_rule(ours, ref, rtol, kind, name):
     if not torch.isfinite(ours).all():
         return False, "NaN/Inf"
     err = rel_err(ours, ref)
-    dim = 1 if name == "pix_feat_with_mem" else 0
+    # memory_attention's pix_feat_with_mem is [E*E,B,C]; the SGP kinds' is [Q,C,E,E].
+    dim = 1 if (kind == "memory_attention" and name == "pix_feat_with_mem") else 0
     worst = max(rel_err(o, r) for o, r in zip(ours.unbind(dim), ref.unbind(dim)))
     return err <= rtol and worst <= rtol, f"rel {err:.2e} (worst item {worst:.2e})"
 
@@ -167,6 +211,8 @@ def check_case(path, name, outputs_dir):
             problems.append(f"{key} does not reproduce: max abs diff {diff:.3e}")
         if ref.numel() > 1 and out not in ("object_score_logits", "ious") and float(ref.std()) == 0.0:
             problems.append(f"{key} is constant")
+    if kind in G.SGP_KINDS:
+        problems += sgp_checks(kind, case, model, io)
     if outputs_dir is not None:
         f = os.path.join(outputs_dir, name, "outputs.safetensors")
         if not os.path.exists(f):
@@ -190,8 +236,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir")
     ap.add_argument("--outputs", default=None, help="folder written by `cargo xtask parity --save-outputs`")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cases = sorted(root for root, _, files in os.walk(args.dir) if "case.json" in files)
     if not cases:
         sys.exit(f"no case under {args.dir}")

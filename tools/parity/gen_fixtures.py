@@ -16,9 +16,13 @@ Examples (from the repository root, with the venv active):
   python tools/parity/gen_fixtures.py --out fixtures-local/sam2.1_hiera_t_512 \\
       --preset sam2.1_hiera_t --size 512 --kinds image_encoder sam_heads
   python tools/parity/gen_fixtures.py --out fixtures/parity-transformers --kinds transformers
+  python tools/parity/gen_fixtures.py --out fixtures/parity/sgp/sam2.1_reduced/s64 --size 64 \\
+      --weights fixtures/parity/sam2.1_reduced/s64/image_encoder_b2/weights.safetensors \\
+      --kinds support_pseudo_mask sgp_init support_track
 """
 import argparse
 import copy
+import importlib.metadata
 import json
 import math
 import os
@@ -29,7 +33,7 @@ import tempfile
 import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import sam2
 from hydra.utils import instantiate
@@ -37,6 +41,8 @@ from hydra.utils import instantiate
 CONFIG_DIR = os.path.join(os.path.dirname(sam2.__file__), "configs")
 
 ALL_KINDS = ["image_encoder", "sam_heads", "memory_encoder", "memory_attention", "track", "pt"]
+# The support-set kinds (spec section "SGP kinds"); not in the default --kinds.
+SGP_KINDS = ["support_pseudo_mask", "sgp_init", "support_track"]
 
 # Official yamls by preset name.
 YAMLS = {
@@ -246,6 +252,31 @@ def calibrate(cfg, state_dict, seed, calib_size, mean=1.0, std=1.0):
     return out
 
 
+@torch.no_grad()
+def calibrate_support_scores(cfg, state_dict, seed, size, k=3, n=8, mean=0.0, std=1.5):
+    """For full-size random models, support-conditioned queries all get about the same,
+    positive, object score (a spread of ~0.2 around +2.5), so no query takes the no-object
+    path. This rescales the object-score head's last layer (as `calibrate` does) so that
+    over `n` random queries on one random support set the scores are about N(mean, std²):
+    the sign, and with it the -1024 masks / `no_obj_ptr` path, then varies with the input."""
+    model = build_model(copy.deepcopy(cfg))
+    model.load_state_dict(state_dict, strict=True)
+    out = dict(state_dict)
+    g = torch.Generator().manual_seed(seed + 11)
+    si, sm = make_supports(g, k, size)
+    od = support_steps(model, si, sm, k + 1)
+    scores = torch.cat([ref_support_pseudo_mask(model, si, sm, make_image(g, 1, size), supports_od=od)
+                        ["object_score_logits"].flatten() for _ in range(n)])
+    head = "sam_mask_decoder.pred_obj_score_head"
+    wkey = next(key for key in (f"{head}.layers.2.weight", f"{head}.weight") if key in out)
+    bkey = wkey[: -len("weight")] + "bias"
+    scale = std / float(scores.std())
+    out[wkey] = out[wkey] * scale
+    out[bkey] = torch.full_like(out[bkey], mean) - scale * (scores.mean() - out[bkey])
+    print(f"support-score calibration: query scores {scores.mean():+.3f}±{scores.std():.3f} (before rescaling)")
+    return out
+
+
 def official_state_dict(model):
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -356,6 +387,237 @@ def ref_track(model, frames, point_coords, point_labels, mask_inputs):
 
 
 # ----------------------------------------------------------------------------------------
+# SGP kinds (spec section "SGP kinds"): supports are mask-prompted conditioning frames
+
+
+def _backbone(model, image):
+    """`_prepare_backbone_features(forward_image(image))` without the unused first return."""
+    _, feats, pos, sizes = model._prepare_backbone_features(model.forward_image(image))
+    return feats, pos, sizes
+
+
+@torch.no_grad()
+def support_steps(model, support_images, support_masks, num_frames):
+    """A fresh output dict holding the K supports: support k is a conditioning frame at
+    frame index k, prompted with its mask (the `use_mask_input_as_output_without_sam` path)."""
+    od = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    for k in range(support_images.shape[0]):
+        feats, pos, sizes = _backbone(model, support_images[k:k + 1])
+        out = model.track_step(
+            frame_idx=k, is_init_cond_frame=True, current_vision_feats=feats,
+            current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None,
+            mask_inputs=support_masks[k:k + 1], output_dict=od, num_frames=num_frames,
+            track_in_reverse=False, run_mem_encoder=True)
+        od["cond_frame_outputs"][k] = out
+    return od
+
+
+def _high_res_features(feats, sizes):
+    """The two high-resolution levels as [B,C',H,W], as `_track_step` reshapes them."""
+    return [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s) for x, s in zip(feats[:-1], sizes[:-1])]
+
+
+PMG_OUTPUTS = ["pix_feat_with_mem", "pred_masks", "pred_masks_high_res", "object_score_logits", "obj_ptr"]
+
+
+@torch.no_grad()
+def ref_support_pseudo_mask(model, support_images, support_masks, query, keep_parts=False, supports_od=None):
+    """Kind `support_pseudo_mask`, exactly as the spec writes it, one query at a time.
+    With `keep_parts`, also returns per query the backbone features (for `sgp_init` and the
+    self-checks). `supports_od` (a `support_steps` result, which this path only reads) saves
+    recomputing the supports while searching for inputs; references never pass it."""
+    k = support_images.shape[0]
+    outs = {n: [] for n in PMG_OUTPUTS}
+    parts = []
+    for q in range(query.shape[0]):
+        od = supports_od if supports_od is not None else support_steps(model, support_images, support_masks, k + 1)
+        feats, pos, sizes = _backbone(model, query[q:q + 1])
+        pix = model._prepare_memory_conditioned_features(
+            frame_idx=k, is_init_cond_frame=False, current_vision_feats=feats[-1:],
+            current_vision_pos_embeds=pos[-1:], feat_sizes=sizes[-1:], output_dict=od,
+            num_frames=k + 1, track_in_reverse=False)
+        out = model.track_step(
+            frame_idx=k, is_init_cond_frame=False, current_vision_feats=feats,
+            current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None, mask_inputs=None,
+            output_dict=od, num_frames=k + 1, track_in_reverse=False, run_mem_encoder=False)
+        outs["pix_feat_with_mem"].append(pix)
+        for n in PMG_OUTPUTS[1:]:
+            outs[n].append(out[n])
+        parts.append({"od": od, "feats": feats, "pos": pos, "sizes": sizes, "pix": pix})
+    res = {n: torch.cat(v, 0) for n, v in outs.items()}
+    return (res, parts) if keep_parts else res
+
+
+def box_from_logits(logits):
+    """The spec's box of one [S,S] logit map: [x_min, y_min, x_max, y_max] over `logits > 0`
+    (inclusive pixel indices, floats), or None without foreground."""
+    ys, xs = torch.nonzero(logits > 0, as_tuple=True)
+    if xs.numel() == 0:
+        return None
+    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+
+
+@torch.no_grad()
+def ref_sgp_init(model, support_images, support_masks, query, keep_box_scores=False, supports_od=None):
+    """Kind `sgp_init`: the pseudo-mask, its box, and the box-prompted SAM heads on the
+    memory-conditioned features (multimask off); without a box the pseudo-mask itself."""
+    pmg, parts = ref_support_pseudo_mask(model, support_images, support_masks, query, keep_parts=True,
+                                         supports_od=supports_od)
+    boxes, finals, box_scores = [], [], []
+    for q, p in enumerate(parts):
+        box = box_from_logits(pmg["pred_masks_high_res"][q, 0])
+        if box is None:
+            boxes.append(torch.full((1, 4), -1.0))
+            finals.append(pmg["pred_masks_high_res"][q:q + 1])
+            box_scores.append(None)
+            continue
+        point_inputs = {"point_coords": torch.tensor(box, dtype=torch.float32).view(1, 2, 2),
+                        "point_labels": torch.tensor([[2, 3]], dtype=torch.int32)}
+        o = model._forward_sam_heads(p["pix"], point_inputs, None, _high_res_features(p["feats"], p["sizes"]),
+                                     False)
+        boxes.append(torch.tensor([box], dtype=torch.float32))
+        finals.append(o[4])
+        box_scores.append(float(o[6]))
+    res = dict(pmg)
+    res["box"] = torch.cat(boxes, 0)
+    res["final_logits"] = torch.cat(finals, 0)
+    return (res, box_scores) if keep_box_scores else res
+
+
+@torch.no_grad()
+def ref_support_track(model, support_images, support_masks, frames):
+    """Kind `support_track` (bank "sam2"): supports at frame indices 0..K-1, then the T query
+    slices at K..K+T-1 as non-conditioning frames, each encoded into memory."""
+    k, t_frames = support_images.shape[0], frames.shape[0]
+    n = k + t_frames
+    od = support_steps(model, support_images, support_masks, n)
+    outs = []
+    for t in range(t_frames):
+        feats, pos, sizes = _backbone(model, frames[t:t + 1])
+        out = model.track_step(
+            frame_idx=k + t, is_init_cond_frame=False, current_vision_feats=feats,
+            current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None, mask_inputs=None,
+            output_dict=od, num_frames=n, track_in_reverse=False, run_mem_encoder=True)
+        od["non_cond_frame_outputs"][k + t] = out
+        outs.append(out)
+    return {name: torch.cat([o[name] for o in outs], 0)
+            for name in ("pred_masks", "obj_ptr", "object_score_logits", "maskmem_features")}
+
+
+# Self-checks: the same outputs computed a second way. `explicit_memory` rebuilds SAM2's
+# memory selection from the spec's description (cond frames at t_pos 0, the last
+# num_maskmem-1 non-cond frames, object pointers with signed temporal distances over a
+# window of min(num_frames, max_obj_ptrs_in_encoder)), calls the memory attention directly,
+# then `_forward_sam_heads` the way `_track_step` does.
+
+
+def explicit_memory(model, od, frame_idx, num_frames):
+    """(memory, memory_pos, num_obj_ptr_tokens) for a non-conditioning frame at frame_idx."""
+    # The settings of the SAM2.1 yamls, which this rebuild assumes.
+    assert model.max_cond_frames_in_attn == -1 and model.memory_temporal_stride_for_eval == 1
+    assert model.use_obj_ptrs_in_encoder and model.add_tpos_enc_to_obj_ptrs and model.proj_tpos_enc_in_obj_ptrs
+    assert model.use_signed_tpos_enc_to_obj_ptrs and model.only_obj_ptrs_in_the_past_for_eval
+    assert model.mem_dim < model.hidden_dim
+    cond, non_cond = od["cond_frame_outputs"], od["non_cond_frame_outputs"]
+    nm = model.num_maskmem
+    mem, mem_pos = [], []
+    entries = [(0, o) for o in cond.values()]
+    entries += [(t_pos, non_cond.get(frame_idx - (nm - t_pos))) for t_pos in range(1, nm)]
+    for t_pos, o in entries:
+        if o is None:
+            continue
+        mem.append(o["maskmem_features"].flatten(2).permute(2, 0, 1))
+        mem_pos.append(o["maskmem_pos_enc"][-1].flatten(2).permute(2, 0, 1) + model.maskmem_tpos_enc[nm - t_pos - 1])
+    window = min(num_frames, model.max_obj_ptrs_in_encoder)
+    ptrs = [(frame_idx - t, o["obj_ptr"]) for t, o in cond.items() if t <= frame_idx]
+    for d in range(1, window):
+        if frame_idx - d < 0:
+            break
+        if frame_idx - d in non_cond:
+            ptrs.append((d, non_cond[frame_idx - d]["obj_ptr"]))
+    c, m = model.hidden_dim, model.mem_dim
+    from sam2.modeling.sam2_utils import get_1d_sine_pe
+    dist = torch.tensor([float(d) for d, _ in ptrs])
+    ptr_pos = model.obj_ptr_tpos_proj(get_1d_sine_pe(dist / (window - 1), dim=c))  # [P, m]
+    split = c // m
+    ptr_tok = torch.stack([p for _, p in ptrs], 0)[:, 0].reshape(len(ptrs), split, m).flatten(0, 1)
+    mem.append(ptr_tok[:, None])
+    mem_pos.append(ptr_pos.repeat_interleave(split, 0)[:, None])
+    return torch.cat(mem, 0), torch.cat(mem_pos, 0), ptr_tok.shape[0]
+
+
+@torch.no_grad()
+def explicit_step(model, od, frame_idx, num_frames, feats, pos, sizes):
+    memory, memory_pos, n_ptr = explicit_memory(model, od, frame_idx, num_frames)
+    e = sizes[-1]
+    x = model.memory_attention(curr=feats[-1:], curr_pos=pos[-1:], memory=memory, memory_pos=memory_pos,
+                               num_obj_ptr_tokens=n_ptr)
+    pix = x.permute(1, 2, 0).view(1, model.hidden_dim, *e)
+    o = model._forward_sam_heads(pix, None, None, _high_res_features(feats, sizes),
+                                 model._use_multimask(False, None))
+    return pix, o
+
+
+def _max_rel(a, b):
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
+@torch.no_grad()
+def self_check_pseudo_mask(model, support_images, support_masks, query, res, tol=1e-5):
+    """Recomputes a PMG result (`support_pseudo_mask` or `sgp_init` outputs) the explicit
+    way; returns the worst relative difference (asserted ≤ tol)."""
+    k = support_images.shape[0]
+    worst = 0.0
+    for q in range(query.shape[0]):
+        od = support_steps(model, support_images, support_masks, k + 1)
+        feats, pos, sizes = _backbone(model, query[q:q + 1])
+        pix, o = explicit_step(model, od, k, k + 1, feats, pos, sizes)
+        mine = {"pix_feat_with_mem": pix, "pred_masks": o[3], "pred_masks_high_res": o[4], "obj_ptr": o[5],
+                "object_score_logits": o[6]}
+        for n, v in mine.items():
+            worst = max(worst, _max_rel(v, res[n][q:q + 1]))
+    assert worst <= tol, f"PMG self-check: explicit path differs by {worst:.3e}"
+    return worst
+
+
+@torch.no_grad()
+def self_check_track(model, support_images, support_masks, frames, res, tol=1e-5):
+    k, t_frames = support_images.shape[0], frames.shape[0]
+    n = k + t_frames
+    od = support_steps(model, support_images, support_masks, n)
+    worst = 0.0
+    for t in range(t_frames):
+        feats, pos, sizes = _backbone(model, frames[t:t + 1])
+        _, o = explicit_step(model, od, k + t, n, feats, pos, sizes)
+        mf, mp = model._encode_new_memory(feats, sizes, o[4], o[6], False)
+        od["non_cond_frame_outputs"][k + t] = {"maskmem_features": mf, "maskmem_pos_enc": mp, "obj_ptr": o[5]}
+        for name, v in (("pred_masks", o[3]), ("obj_ptr", o[5]), ("object_score_logits", o[6]),
+                        ("maskmem_features", mf)):
+            worst = max(worst, _max_rel(v, res[name][t:t + 1]))
+    assert worst <= tol, f"support_track self-check: explicit path differs by {worst:.3e}"
+    return worst
+
+
+@torch.no_grad()
+def self_check_sgp_init(model, support_images, support_masks, query, res, tol=1e-5):
+    """sgp_init's PMG outputs equal `support_pseudo_mask` on the same inputs, its PMG part
+    passes the explicit check, and its boxes/final logits follow from the pseudo-masks."""
+    pmg = ref_support_pseudo_mask(model, support_images, support_masks, query)
+    worst = max(_max_rel(res[n], pmg[n]) for n in PMG_OUTPUTS)
+    assert worst == 0.0, f"sgp_init PMG outputs differ from support_pseudo_mask by {worst:.3e}"
+    worst = max(worst, self_check_pseudo_mask(model, support_images, support_masks, query, res, tol))
+    for q in range(query.shape[0]):
+        box = box_from_logits(res["pred_masks_high_res"][q, 0])
+        if box is None:
+            assert bool((res["box"][q] == -1).all()), f"query {q} has no foreground but box {res['box'][q].tolist()}"
+            assert bool((res["final_logits"][q] == res["pred_masks_high_res"][q]).all()), \
+                f"query {q} has no foreground but final_logits differ from pred_masks_high_res"
+        else:
+            assert res["box"][q].tolist() == box, f"query {q}: box {res['box'][q].tolist()}, pseudo-mask gives {box}"
+    return worst
+
+
+# ----------------------------------------------------------------------------------------
 # Writing
 
 
@@ -384,8 +646,9 @@ def atomic_copy(src, dst):
 
 
 class Writer:
-    def __init__(self, out_dir, cfg, state_dict, verbose=True):
+    def __init__(self, out_dir, cfg, state_dict, verbose=True, weights_src=None):
         self.out_dir = out_dir
+        self.weights_src = weights_src
         self.cfg_json = json.dumps(cfg, indent=2) + "\n"
         self.state_dict = state_dict
         self.verbose = verbose
@@ -395,6 +658,8 @@ class Writer:
 
     def _weights_file(self):
         # Written once, then copied, so every case holds byte-identical weights.
+        if self.weights_src is not None:
+            return self.weights_src
         if self.weights_cache is None:
             self.weights_cache = os.path.join(self.out_dir, ".weights.safetensors.cache")
             atomic_save_safetensors(self.state_dict, self.weights_cache)
@@ -619,6 +884,147 @@ def gen_track(w, model, g, s, t=4, which=("mask", "points")):
 
 
 # ----------------------------------------------------------------------------------------
+# SGP cases
+
+
+def generator_versions():
+    return {"script": "tools/parity/gen_fixtures.py", "torch": torch.__version__,
+            "sam2": importlib.metadata.version("sam2")}
+
+
+def make_supports(g, k, s, empty=()):
+    """K support images with one blob mask each; supports listed in `empty` get an empty
+    mask (object absent: score -10, `no_obj_ptr`, `no_obj_embed_spatial` in memory)."""
+    images = make_image(g, k, s)
+    masks = make_blob_mask(g, k, s)
+    for i in empty:
+        masks[i] = 0.0
+    return images, masks
+
+
+def score_ok(x, sign, margin=0.3):
+    x = float(x)
+    return x * sign > margin
+
+
+def box_is_robust(logits, rel=1e-3):
+    """The box must not depend on pixels whose logit is within rel·std of the threshold 0
+    (a rounding difference would move the box, and the whole final mask with it)."""
+    d = rel * max(1.0, float(logits.std()))
+    tight, loose = box_from_logits(logits - d), box_from_logits(logits + d)
+    return tight is not None and tight == loose
+
+
+def make_coarse_image(g, b, s, amp=10.0):
+    """High-contrast images with only coarse (2x2 or 3x3-cell) structure: with random
+    weights these are the inputs whose masks are compact enough to give a box inside the
+    frame (finer inputs give scattered foreground, whose box is the whole frame)."""
+    cells = int(torch.randint(2, 4, (1,), generator=g))
+    low = amp * torch.randn(b, 3, cells, cells, generator=g)
+    return torch.nn.functional.interpolate(low, size=(s, s), mode="bilinear", align_corners=False).float()
+
+
+def pick_queries(g, s, slots, evaluate, what, make=make_image):
+    """Draws query images one at a time and files each into the first open slot whose
+    predicate accepts `evaluate(image)`; returns the images in slot order."""
+    chosen = [None] * len(slots)
+    for _ in range(5 * MAX_TRIES * len(slots)):
+        image = make(g, 1, s)
+        r = evaluate(image)
+        for i, ok in enumerate(slots):
+            if chosen[i] is None and ok(r):
+                chosen[i] = image
+                break
+        if all(c is not None for c in chosen):
+            return torch.cat(chosen, 0)
+    sys.exit(f"{what}: no query draw filled every slot ({[c is not None for c in chosen]}); "
+             "raise --tries")
+
+
+def gen_support_pseudo_mask(w, model, g, s, k, q, empty=()):
+    si, sm = make_supports(g, k, s, empty)
+    od = support_steps(model, si, sm, k + 1)
+
+    def evaluate(image):
+        return ref_support_pseudo_mask(model, si, sm, image, supports_od=od)["object_score_logits"]
+
+    slots = [lambda r: score_ok(r, +1), lambda r: score_ok(r, -1)]
+    slots += [lambda r: score_ok(r, +1) or score_ok(r, -1)] * (q - 2)
+    query = pick_queries(g, s, slots, evaluate, "support_pseudo_mask")
+    outs = ref_support_pseudo_mask(model, si, sm, query)
+    worst = self_check_pseudo_mask(model, si, sm, query, outs)
+    print(f"  self-check (explicit memory + _forward_sam_heads): max rel diff {worst:.2e}")
+    scores = outs["object_score_logits"].flatten().tolist()
+    neg = [i for i, x in enumerate(scores) if x < 0]
+    name = f"support_pseudo_mask_k{k}_q{q}" + ("_empty" if empty else "")
+    desc = (f"{k} mask-prompted supports (frames 0..{k - 1}), {q} queries at frame {k}; "
+            f"query {neg} has a negative object score (-1024 masks, no_obj_ptr)")
+    if empty:
+        desc += f"; support {list(empty)} has an empty mask"
+    w.write(name, {"kind": "support_pseudo_mask", "rtol": 1e-4, "description": desc,
+                   "negative_object_score_queries": neg, "generator": generator_versions()},
+            {"support_images": si, "support_masks": sm, "query": query}, outs)
+
+
+def gen_sgp_init(w, model, g, s, k):
+    si, sm = make_supports(g, k, s)
+    od = support_steps(model, si, sm, k + 1)
+
+    def evaluate(image):
+        res, box_scores = ref_sgp_init(model, si, sm, image, keep_box_scores=True, supports_od=od)
+        return res, box_scores[0]
+
+    def no_fg(r):
+        res, _ = r
+        return score_ok(res["object_score_logits"], -1) and bool(res["box"][0, 0] == -1)
+
+    def boxed(r):
+        res, box_score = r
+        hr = res["pred_masks_high_res"][0, 0]
+        frac = float((hr > 0).float().mean())
+        if box_score is None:
+            return False
+        x0, y0, x1, y1 = res["box"][0].tolist()
+        inner_edges = (x0 > 0) + (y0 > 0) + (x1 < s - 1) + (y1 < s - 1)
+        # A box with at least two edges inside the frame, away from rounding trouble.
+        return (score_ok(res["object_score_logits"], +1) and score_ok(box_score, +1) and 0.02 < frac < 0.5
+                and inner_edges >= 2 and box_is_robust(hr) and box_is_robust(res["final_logits"][0, 0]))
+
+    query = pick_queries(g, s, [no_fg, boxed], evaluate, "sgp_init", make=make_coarse_image)
+    outs = ref_sgp_init(model, si, sm, query)
+    worst = self_check_sgp_init(model, si, sm, query, outs)
+    print(f"  self-check (PMG = support_pseudo_mask, explicit path): max rel diff {worst:.2e}")
+    box = outs["box"][1].tolist()
+    w.write(f"sgp_init_k{k}_q2", {
+        "kind": "sgp_init", "rtol": 1e-4,
+        "description": (f"{k} supports; query 0 has a negative object score, so no foreground: box -1s and "
+                        f"final_logits = pred_masks_high_res; query 1 gets the box {box} (labels 2,3, "
+                        "single mask) on its memory-conditioned features"),
+        "negative_object_score_queries": [0], "generator": generator_versions()},
+        {"support_images": si, "support_masks": sm, "query": query}, outs)
+
+
+def gen_support_track(w, model, g, s, k, t):
+    si, sm = make_supports(g, k, s)
+    frames, outs = draw_until(
+        lambda: (lambda f: (f, ref_support_track(model, si, sm, f)))(make_clip(g, t, s)),
+        "mixed", "support_track")
+    worst = self_check_track(model, si, sm, frames, outs)
+    print(f"  self-check (explicit bank): max rel diff {worst:.2e}")
+    scores = outs["object_score_logits"].flatten().tolist()
+    window = min(k + t, model.max_obj_ptrs_in_encoder)
+    desc = (f"{k} supports (frames 0..{k - 1}) then {t} slices (frames {k}..{k + t - 1}); the "
+            f"{model.num_maskmem - 1}-frame memory window overflows from slice {model.num_maskmem}")
+    if t > window:
+        desc += f", the object-pointer window ({window - 1} past slices) from slice {window}"
+    w.write(f"support_track_k{k}_t{t}", {
+        "kind": "support_track", "bank": "sam2", "rtol": 1e-4, "description": desc,
+        "negative_object_score_frames": [i for i, x in enumerate(scores) if x < 0],
+        "generator": generator_versions()},
+        {"support_images": si, "support_masks": sm, "frames": frames}, outs)
+
+
+# ----------------------------------------------------------------------------------------
 # transformers format (Sam2Model, transformers 4.57)
 
 
@@ -741,7 +1147,7 @@ def main():
     ap.add_argument("--out", required=True, help="output directory (one folder per case inside)")
     ap.add_argument("--preset", default="reduced", choices=sorted(YAMLS))
     ap.add_argument("--size", type=int, default=128, help="image_size S (a multiple of 32)")
-    ap.add_argument("--kinds", nargs="+", default=ALL_KINDS, choices=ALL_KINDS + ["transformers"])
+    ap.add_argument("--kinds", nargs="+", default=ALL_KINDS, choices=ALL_KINDS + SGP_KINDS + ["transformers"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--few", action="store_true",
                     help="only a few sam_heads cases (for full-size models or extra sizes)")
@@ -750,6 +1156,18 @@ def main():
     ap.add_argument("--calib-size", type=int, default=0,
                     help="image size for the calibration (default 64 for reduced presets, else 256); "
                          "runs with equal preset, seed and calib size write identical weights")
+    ap.add_argument("--supports", type=int, default=3, help="K for support_pseudo_mask / sgp_init")
+    ap.add_argument("--queries", type=int, default=2, help="Q for support_pseudo_mask (at least 2)")
+    ap.add_argument("--empty-support", type=int, nargs="*", default=[],
+                    help="support_pseudo_mask: indices of supports whose mask is empty")
+    ap.add_argument("--track-supports", type=int, default=2, help="K for support_track")
+    ap.add_argument("--support-track-frames", type=int, default=8, help="T for support_track")
+    ap.add_argument("--support-score-calib", action="store_true",
+                    help="rescale the object-score head so that support-conditioned query scores "
+                         "have both signs (needed for full-size models; see calibrate_support_scores)")
+    ap.add_argument("--weights", default=None,
+                    help="reuse this weights.safetensors (byte for byte) instead of drawing and "
+                         "calibrating new weights; it must fit the preset")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tries", type=int, default=60,
                     help="redraws of a case's random inputs to get the wanted object-score signs")
@@ -766,18 +1184,28 @@ def main():
     cfg = load_model_config(args.preset, args.size)
     torch.manual_seed(args.seed)
     model = build_model(copy.deepcopy(cfg))
-    randomize(model, args.seed)
-    calib = args.calib_size or (64 if args.preset.startswith("reduced") else 256)
-    sd = calibrate(cfg, official_state_dict(model), args.seed, calib)
-    model.load_state_dict(sd, strict=True)
+    if args.weights:
+        sd = load_file(args.weights)
+        model.load_state_dict(sd, strict=True)
+        print(f"weights from {args.weights}")
+    else:
+        randomize(model, args.seed)
+        calib = args.calib_size or (64 if args.preset.startswith("reduced") else 256)
+        sd = calibrate(cfg, official_state_dict(model), args.seed, calib)
+        model.load_state_dict(sd, strict=True)
+    weights_src = args.weights
+    if args.support_score_calib:
+        sd = calibrate_support_scores(cfg, sd, args.seed, args.size)
+        model.load_state_dict(sd, strict=True)
+        weights_src = None
     print(f"preset {args.preset} S={args.size}: {sum(v.numel() for v in sd.values())} weights")
-    w = Writer(args.out, cfg, sd)
+    w = Writer(args.out, cfg, sd, weights_src=weights_src)
     g = torch.Generator().manual_seed(args.seed + 1)
     s = args.size
     try:
         for kind in args.kinds:
             # Each kind draws its inputs from its own stream, so subsets regenerate identically.
-            g = torch.Generator().manual_seed(args.seed * 1000 + ALL_KINDS.index(kind) + 1)
+            g = torch.Generator().manual_seed(args.seed * 1000 + (ALL_KINDS + SGP_KINDS).index(kind) + 1)
             if kind == "image_encoder":
                 gen_image_encoder(w, model, g, s, args.image_batch)
             elif kind == "sam_heads":
@@ -790,6 +1218,14 @@ def main():
                 gen_track(w, model, g, s, t=args.track_frames)
             elif kind == "pt":
                 gen_pt(w, model, g, s)
+            elif kind == "support_pseudo_mask":
+                if args.queries < 2:
+                    sys.exit("--queries must be at least 2 (one positive, one negative object score)")
+                gen_support_pseudo_mask(w, model, g, s, args.supports, args.queries, tuple(args.empty_support))
+            elif kind == "sgp_init":
+                gen_sgp_init(w, model, g, s, args.supports)
+            elif kind == "support_track":
+                gen_support_track(w, model, g, s, args.track_supports, args.support_track_frames)
     finally:
         w.finish()
 

@@ -143,7 +143,9 @@ fn run_ours(args: &Args, model: &Sam2Model, size: usize) -> anyhow::Result<Timin
     let (pix, hi) = model.image_features(&image)?;
     let hi_ref = hi.as_ref().map(|(a, b)| (a, b));
     let dec = time_ms(args.warmup, args.iters, || {
-        Ok(model.sam_heads.forward(&pix, Some(&points), None, hi_ref, true)?)
+        Ok(model
+            .sam_heads
+            .forward(&pix, Some(&points), None, hi_ref, sgp_sam2::Multimask::Multi)?)
     })?;
     t.insert(("decode".into(), size), dec);
     if args.profile {

@@ -2,7 +2,9 @@
 //!
 //! * `data verify --dataset KIND [--root DIR]`: open every case and report mismatched
 //!   geometry, unexpected label values, empty masks, unreadable files and missing pairs; exits
-//!   non-zero when the dataset is unusable. `--root` defaults to `datasets/demo` for `demo`.
+//!   1 when the dataset is unusable. `--root` defaults to `datasets/demo` for `demo`.
+//!   `--allow-unlabelled` accepts the unlabelled images of releases that ship some (ACDC
+//!   `testing/`, REFUGE's test images).
 //! * `data split --dataset KIND [--root DIR] [--seed N]`: print the patient-level split.
 
 use std::path::{Path, PathBuf};
@@ -45,6 +47,11 @@ struct Common {
     /// datasets/demo).
     #[arg(long)]
     root: Option<PathBuf>,
+    /// Accept images without their label file as unlabelled cases, where the layout's
+    /// official release has such images (ACDC testing/, REFUGE test images); refused for
+    /// layouts whose release labels every image.
+    #[arg(long)]
+    allow_unlabelled: bool,
 }
 
 impl Common {
@@ -56,6 +63,14 @@ impl Common {
             (None, _) => anyhow::bail!("--root is required for --dataset {kind}"),
         };
         Ok((kind, root))
+    }
+
+    fn load(&self) -> anyhow::Result<sgp_data::Dataset> {
+        let (kind, root) = self.resolve()?;
+        let options = sgp_data::ScanOptions {
+            allow_unlabelled: self.allow_unlabelled,
+        };
+        sgp_data::load_with(kind, &root, &options).with_context(|| format!("loading {kind} from {}", root.display()))
     }
 }
 
@@ -80,8 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             val,
             test,
         } => {
-            let (kind, root) = common.resolve()?;
-            let ds = sgp_data::load(kind, &root).with_context(|| format!("loading {kind} from {}", root.display()))?;
+            let ds = common.load()?;
             let cfg = SplitConfig {
                 seed,
                 support_patients: support,
@@ -98,8 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn verify(common: &Common) -> anyhow::Result<()> {
-    let (kind, root) = common.resolve()?;
-    let ds = sgp_data::load(kind, &root).with_context(|| format!("loading {kind} from {}", root.display()))?;
+    let ds = common.load()?;
     let bar = indicatif::ProgressBar::new(ds.cases.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("verify {bar:30} {pos}/{len} cases {elapsed}")
@@ -110,8 +123,9 @@ fn verify(common: &Common) -> anyhow::Result<()> {
     println!("{report}");
     if !report.is_usable() {
         anyhow::bail!(
-            "dataset {kind} at {} is unusable ({} error(s))",
-            root.display(),
+            "dataset {} at {} is unusable ({} error(s))",
+            ds.kind,
+            ds.root.display(),
             report.errors()
         );
     }

@@ -9,8 +9,10 @@ mod data;
 mod eval;
 mod model_source;
 mod parity;
+mod predict;
 mod predict2d;
 mod predict3d;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "SAM2-SGP project commands")]
@@ -23,6 +25,8 @@ struct Cli {
 enum Cmd {
     /// Run SAM2 parity cases against the official PyTorch outputs.
     Parity(parity::Args),
+    /// Prompt-free segmentation of an image or volume from a support set.
+    Predict(predict::Args),
     /// Prompted 2D segmentation of one image.
     #[command(name = "predict-2d")]
     Predict2d(predict2d::Args),
@@ -36,6 +40,8 @@ enum Cmd {
     EvalFolder(eval::EvalFolderArgs),
     /// Benchmarks.
     Bench(bench::Args),
+    /// Train SAM2-SGP (LoRA + new modules, or from scratch) on a dataset.
+    Train(train::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,10 +55,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Parity(a) => parity::run(a),
+        Cmd::Predict(a) => predict::run(a),
         Cmd::Predict2d(a) => predict2d::run(a),
         Cmd::Predict3d(a) => predict3d::run(a),
         Cmd::Data(a) => data::run(a),
         Cmd::EvalFolder(a) => eval::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Train(a) => train::run(a),
     }
 }

@@ -1,6 +1,6 @@
-//! `--weights` / `--config` / `--image-size` for every command that loads a model: a hub
-//! repo id (`facebook/sam2.1-hiera-tiny`) or a local path (official `.pt`, original-name
-//! `.safetensors`, or a transformers folder).
+//! `--weights` / `--config` / `--image-size` / `--device` for every command that loads a
+//! model: a hub repo id (`facebook/sam2.1-hiera-tiny`) or a local path (official `.pt`,
+//! original-name `.safetensors`, or a transformers folder), on the chosen device.
 
 use anyhow::Context;
 
@@ -18,6 +18,26 @@ pub struct ModelArgs {
     /// Model input size S (multiple of 32); default: the config's (1024 for the presets).
     #[arg(long)]
     pub image_size: Option<usize>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `--device` for every command that computes with a model.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DeviceArgs {
+    /// cpu, cuda or cuda:N. Default: CUDA when this build has it (`--features cuda`) and a
+    /// GPU is present, else the CPU.
+    #[arg(long, value_name = "cpu|cuda[:N]")]
+    pub device: Option<String>,
+}
+
+impl DeviceArgs {
+    /// The device to run on (`sgp::select_device`: one rule for every command).
+    pub fn resolve(&self) -> anyhow::Result<candle_core::Device> {
+        let device = sgp::select_device(self.device.as_deref())?;
+        tracing::info!(device = %sgp::device::device_name(&device), "device");
+        Ok(device)
+    }
 }
 
 impl ModelArgs {
@@ -26,6 +46,7 @@ impl ModelArgs {
         let options = sgp::LoadOptions {
             config: self.config.clone(),
             image_size: self.image_size,
+            device: self.device.resolve()?,
             ..sgp::LoadOptions::default()
         };
         let loaded = sgp::load_pretrained(&self.weights, &options)

@@ -14,7 +14,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let summary = sgp_sam2::parity::run_dir(&args.dir, args.save_outputs.as_deref())?;
+    let summary = sgp_parity::run_dir(&args.dir, args.save_outputs.as_deref())?;
     if summary.failed > 0 {
         anyhow::bail!(
             "{} of {} parity cases failed",

@@ -14,14 +14,23 @@ use crate::labels::LabelDefinition;
 /// The dataset layouts this crate reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DatasetKind {
+    /// ACDC cine-MRI (`layouts::acdc`).
     Acdc,
+    /// CAMUS echocardiography, NIfTI release (`layouts::camus`).
     Camus,
+    /// BUSI breast ultrasound (`layouts::busi`).
     Busi,
+    /// REFUGE fundus optic disc/cup (`layouts::refuge`).
     Refuge,
+    /// WBC white blood cells (`layouts::wbc`).
     Wbc,
+    /// An nnU-Net raw dataset (`layouts::nnunet`).
     Nnunet,
+    /// BiomedParse-style PNG folders (`layouts::biomedparse`).
     Biomedparse,
+    /// A generic images/ + masks/ pair (`layouts::folder`).
     Folder,
+    /// The bundled `datasets/demo` (`layouts::demo`).
     Demo,
 }
 
@@ -38,6 +47,18 @@ impl DatasetKind {
         DatasetKind::Folder,
         DatasetKind::Demo,
     ];
+
+    /// Which images the layout's official release ships without labels, or `None` when it
+    /// labels every image (then a missing label file is always an error). nnU-Net's
+    /// `imagesTs/` is unlabelled by definition and is not counted here: no label is expected
+    /// there.
+    pub fn unlabelled_release(self) -> Option<&'static str> {
+        match self {
+            DatasetKind::Acdc => Some("the 2017 ACDC release has no ground truth for testing/"),
+            DatasetKind::Refuge => Some("REFUGE's test images were first released without masks"),
+            _ => None,
+        }
+    }
 
     /// The CLI name (`acdc`, `camus`, ...).
     pub fn name(self) -> &'static str {
@@ -124,7 +145,12 @@ pub enum LabelSource {
     /// A label map decoded with the dataset's [`crate::labels::LabelCoding`].
     Map(PathBuf),
     /// A binary mask (anything above grey 127, or label > 0 in NIfTI) painted as `class`.
-    Binary { path: PathBuf, class: u16 },
+    Binary {
+        /// The mask file.
+        path: PathBuf,
+        /// The label its foreground becomes.
+        class: u16,
+    },
 }
 
 impl LabelSource {
@@ -149,6 +175,7 @@ pub struct Case {
     /// Label files, merged in order (later ones paint over earlier ones). Empty for unlabelled
     /// cases (test sets).
     pub labels: Vec<LabelSource>,
+    /// Imaging modality (decides the default intensity mapping).
     pub modality: Modality,
     /// Layout-specific facts: `phase` (ED/ES), `view` (2CH/4CH), `class` (benign/...), `split`.
     pub meta: BTreeMap<String, String>,
@@ -229,20 +256,43 @@ fn read_mask_raw(path: &Path, def: &LabelDefinition) -> Result<Volume<u16>> {
 /// A problem found while scanning a layout (reported by `data verify`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Issue {
+    /// The file or folder concerned.
     pub path: PathBuf,
+    /// What is wrong, in words.
     pub message: String,
-    /// Fatal issues make the dataset unusable (missing pair, unreadable metadata).
+    /// Fatal issues make the dataset unusable (missing pair, unreadable metadata, empty case
+    /// folder).
     pub fatal: bool,
+    /// A label file is missing for an image of a part of the layout whose official release
+    /// ships some images unlabelled ([`DatasetKind::unlabelled_release`]). Fatal unless
+    /// [`ScanOptions::allow_unlabelled`] is set, in which case the case stays as an
+    /// unlabelled one and the issue is a warning.
+    pub missing_label: bool,
+}
+
+/// How [`load_with`] treats what a layout may legitimately lack.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanOptions {
+    /// Accept images without their label file as unlabelled cases (a warning each) in the
+    /// parts of a layout whose official release has unlabelled images (ACDC's `testing/`,
+    /// REFUGE's test images). Everywhere else a missing label file stays an error, and
+    /// asking for this on a layout whose release labels every image is refused, so that a
+    /// damaged copy is never mistaken for a partly labelled release.
+    pub allow_unlabelled: bool,
 }
 
 /// A scanned dataset: its cases and label definition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
+    /// The layout it was read as.
     pub kind: DatasetKind,
     /// The folder the loader settled on (after detecting where inside `--root` the data is).
     pub root: PathBuf,
+    /// The dataset's name (from its metadata or folder).
     pub name: String,
+    /// Label names and coding.
     pub labels: LabelDefinition,
+    /// The cases, sorted by id (numbers compare as numbers).
     pub cases: Vec<Case>,
     /// Problems found while scanning (missing pairs, unparsable metadata).
     pub issues: Vec<Issue>,
@@ -264,12 +314,42 @@ impl Dataset {
             path: path.to_path_buf(),
             message: message.into(),
             fatal,
+            missing_label: false,
         });
+    }
+
+    /// A label file missing where the official release may lack it (see
+    /// [`Issue::missing_label`]); fatal until [`load_with`] applies the options.
+    pub(crate) fn missing_label(&mut self, path: &Path, message: impl Into<String>) {
+        self.issues.push(Issue {
+            path: path.to_path_buf(),
+            message: message.into(),
+            fatal: true,
+            missing_label: true,
+        });
+    }
+
+    /// An error for a case folder (or a folder of cases) that holds none of the files the
+    /// layout puts there: an interrupted copy rather than a case to skip.
+    pub(crate) fn empty_folder(&mut self, dir: &Path, expected: &str) {
+        self.issue(dir, format!("empty case folder (expected {expected})"), true);
     }
 }
 
-/// Load a dataset of `kind` from `root` (the unpacked download or a folder inside it).
+/// Load a dataset of `kind` from `root` (the unpacked download or a folder inside it), with
+/// the default [`ScanOptions`]: every image of a labelled layout needs its label file.
 pub fn load(kind: DatasetKind, root: &Path) -> Result<Dataset> {
+    load_with(kind, root, &ScanOptions::default())
+}
+
+/// [`load`] with explicit [`ScanOptions`].
+pub fn load_with(kind: DatasetKind, root: &Path, options: &ScanOptions) -> Result<Dataset> {
+    if options.allow_unlabelled && kind.unlabelled_release().is_none() {
+        return Err(DataError::InvalidArgument(format!(
+            "--allow-unlabelled does not apply to {kind}: its official release labels every image, \
+             so a missing label file means a damaged copy"
+        )));
+    }
     if !root.exists() {
         return Err(DataError::NotFound {
             path: root.to_path_buf(),
@@ -293,6 +373,16 @@ pub fn load(kind: DatasetKind, root: &Path) -> Result<Dataset> {
     };
     if ds.cases.is_empty() {
         return Err(DataError::layout(&ds.root, format!("no {kind} cases found")));
+    }
+    let mut ds = ds;
+    if options.allow_unlabelled {
+        for issue in ds.issues.iter_mut().filter(|i| i.missing_label) {
+            issue.fatal = false;
+        }
+    } else if let Some(note) = kind.unlabelled_release() {
+        for issue in ds.issues.iter_mut().filter(|i| i.missing_label) {
+            issue.message = format!("{} ({note}: pass --allow-unlabelled to accept it)", issue.message);
+        }
     }
     Ok(ds)
 }

@@ -8,35 +8,78 @@ pub enum DataError {
     /// A file or folder could not be opened, read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The operating system's reason.
         #[source]
         source: std::io::Error,
     },
     /// A path that must exist does not.
     #[error("{path}: not found{}", hint_suffix(.hint))]
-    NotFound { path: PathBuf, hint: String },
+    NotFound {
+        /// The file or folder.
+        path: PathBuf,
+        /// What was expected there (may be empty).
+        hint: String,
+    },
     /// The file exists but is not a valid NIfTI-1 file (truncated, bad header, bad type).
     #[error("{path}: not a readable NIfTI-1 file: {reason}")]
-    Nifti { path: PathBuf, reason: String },
+    Nifti {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The file exists but is not a readable raster image.
     #[error("{path}: not a readable image: {reason}")]
-    Image { path: PathBuf, reason: String },
+    Image {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A file extension this crate does not read or write.
     #[error("{path}: unsupported file type (expected .nii, .nii.gz, .png, .jpg, .jpeg, .bmp, .tif or .tiff)")]
-    UnsupportedFormat { path: PathBuf },
+    UnsupportedFormat {
+        /// The file or folder.
+        path: PathBuf,
+    },
     /// Voxel values that are not a valid label map (negative, fractional, too large, or not in
     /// the dataset's definition).
     #[error("{path}: invalid label map: {reason}")]
-    InvalidLabels { path: PathBuf, reason: String },
+    InvalidLabels {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Arrays whose shapes (or geometries) should agree but do not.
     #[error("shape mismatch: {0}")]
     Shape(String),
     /// A dataset folder that does not have the expected layout.
     #[error("{path}: {reason}")]
-    Layout { path: PathBuf, reason: String },
+    Layout {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A metadata file (`Info.cfg`, `dataset.json`, ...) that cannot be parsed.
     #[error("{path}: cannot parse: {reason}")]
-    Parse { path: PathBuf, reason: String },
+    Parse {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A DICOM file that cannot be decoded, or a folder that is not one consistent series.
+    #[error("{path}: DICOM: {reason}")]
+    Dicom {
+        /// The file, or the series folder for problems between files.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A bad argument (empty input, impossible split fractions, zero size, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

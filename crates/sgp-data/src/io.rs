@@ -33,7 +33,10 @@ const MAX_VOLUME_BYTES: u64 = 8 << 30;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
     /// `.nii` or `.nii.gz`.
-    Nifti { gz: bool },
+    Nifti {
+        /// Gzip-compressed (`.nii.gz`).
+        gz: bool,
+    },
     /// `.png`, `.jpg`/`.jpeg`, `.bmp`, `.tif`/`.tiff`.
     Raster,
 }

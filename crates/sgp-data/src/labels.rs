@@ -15,10 +15,18 @@ pub enum LabelCoding {
     Integer,
     /// A binary mask: grey level above `threshold` is foreground (BUSI, BiomedParse; robust to
     /// the odd anti-aliased or JPEG-damaged pixel).
-    Binary { threshold: u16 },
+    Binary {
+        /// Grey levels above this are foreground.
+        threshold: u16,
+    },
     /// Fixed grey levels, each one a label (REFUGE, WBC). A grey value further than `tolerance`
     /// from every level is an error, so a wrong dataset definition cannot pass silently.
-    GreyLevels { levels: Vec<(u16, u16)>, tolerance: u16 },
+    GreyLevels {
+        /// `(grey level, label)` pairs.
+        levels: Vec<(u16, u16)>,
+        /// Largest accepted distance from a level (resized copies are interpolated).
+        tolerance: u16,
+    },
 }
 
 /// The labels of a dataset: their names, whether other values are acceptable, their coding.

@@ -49,7 +49,10 @@
 //! mismatches, label values outside the definition, empty masks and missing pairs
 //! (`cargo xtask data verify`).
 
+#![warn(missing_docs)]
+
 pub mod dataset;
+pub mod dicom;
 pub mod error;
 pub mod io;
 pub mod labels;
@@ -58,7 +61,7 @@ pub mod preprocess;
 pub mod split;
 pub mod verify;
 
-pub use dataset::{load, Case, Dataset, DatasetKind, Issue, LabelSource, Modality};
+pub use dataset::{load, load_with, Case, Dataset, DatasetKind, Issue, LabelSource, Modality, ScanOptions};
 pub use error::{DataError, Result};
 pub use io::{
     file_kind, file_stem, read_image, read_labels, read_nifti_header, read_raster_grey_levels, read_rgb, write_atomic,

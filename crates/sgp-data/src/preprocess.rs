@@ -23,9 +23,19 @@ pub enum IntensityMethod {
     /// voxels (of the foreground mask when one is given), then scale to `[0, 1]`. nnU-Net
     /// computes CT percentiles over the training set's foreground; with no labels at inference
     /// time, the default uses the whole volume.
-    Percentile { low: f64, high: f64 },
+    Percentile {
+        /// Lower percentile (0..100).
+        low: f64,
+        /// Upper percentile (0..100).
+        high: f64,
+    },
     /// A fixed window: clip to `level ± width/2` (CT, Hounsfield units), then scale.
-    Window { level: f32, width: f32 },
+    Window {
+        /// Window centre.
+        level: f32,
+        /// Window width (> 0).
+        width: f32,
+    },
     /// Scale the volume's minimum..maximum to `[0, 1]` (ultrasound, photographs).
     MinMax,
 }

@@ -13,6 +13,7 @@ use crate::error::{DataError, Result};
 /// How many patients go where.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SplitConfig {
+    /// Seed of the shuffle: the same seed and cases give the same split on every machine.
     pub seed: u64,
     /// Number of patients in the support pool.
     pub support_patients: usize,
@@ -36,9 +37,13 @@ impl Default for SplitConfig {
 /// Case ids per side, each list in the dataset's case order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Splits {
+    /// The support pool (supports are drawn from these cases only).
     pub support: Vec<String>,
+    /// Training cases.
     pub train: Vec<String>,
+    /// Validation cases.
     pub val: Vec<String>,
+    /// Test cases.
     pub test: Vec<String>,
 }
 

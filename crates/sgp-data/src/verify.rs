@@ -25,18 +25,24 @@ pub enum Severity {
 /// One finding about one case or file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
+    /// Error or warning.
     pub severity: Severity,
     /// Case id, or a path for layout-level findings.
     pub subject: String,
+    /// What is wrong, in words.
     pub message: String,
 }
 
 /// The outcome of [`verify`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct VerifyReport {
+    /// The layout (`acdc`, `camus`, ...).
     pub kind: String,
+    /// The folder the loader settled on.
     pub root: String,
+    /// Number of cases found.
     pub cases: usize,
+    /// Number of cases with labels.
     pub labelled: usize,
     /// Label value -> number of cases containing it.
     pub label_cases: BTreeMap<u16, usize>,
@@ -46,13 +52,16 @@ pub struct VerifyReport {
     pub modalities: BTreeMap<String, usize>,
     /// Smallest and largest array shapes seen (by number of voxels).
     pub shapes: Vec<Vec<usize>>,
+    /// Every problem found, layout-level first, then per case.
     pub findings: Vec<Finding>,
 }
 
 impl VerifyReport {
+    /// Number of errors.
     pub fn errors(&self) -> usize {
         self.findings.iter().filter(|f| f.severity == Severity::Error).count()
     }
+    /// Number of warnings.
     pub fn warnings(&self) -> usize {
         self.findings.iter().filter(|f| f.severity == Severity::Warning).count()
     }

@@ -508,3 +508,128 @@ fn bundled_demo_is_valid() {
     // It is also a valid nnU-Net raw folder.
     assert_eq!(load(DatasetKind::Nnunet, &root).unwrap().cases.len(), 5);
 }
+
+/// Findings that are warnings, as "subject: message".
+fn warnings_of(ds: &sgp_data::Dataset) -> Vec<String> {
+    verify(ds, &|_| {})
+        .findings
+        .into_iter()
+        .filter(|f| f.severity == Severity::Warning)
+        .map(|f| format!("{}: {}", f.subject, f.message))
+        .collect()
+}
+
+#[test]
+fn missing_label_files_and_empty_case_folders_are_errors_in_every_labelled_layout() {
+    let t = tempfile::tempdir().unwrap();
+    let allow = sgp_data::ScanOptions { allow_unlabelled: true };
+
+    // CAMUS: a missing _gt and an empty patient folder; the release labels everything.
+    let camus = t.path().join("camus");
+    for view in ["2CH", "4CH"] {
+        for phase in ["ED", "ES"] {
+            nii_image(
+                &camus.join(format!("patient0001/patient0001_{view}_{phase}.nii.gz")),
+                &[8, 10],
+            );
+            if (view, phase) != ("4CH", "ES") {
+                nii_labels(
+                    &camus.join(format!("patient0001/patient0001_{view}_{phase}_gt.nii.gz")),
+                    &[8, 10],
+                    3,
+                );
+            }
+        }
+    }
+    fs::create_dir_all(camus.join("patient0002")).unwrap();
+    let errs = errors_of(&load(DatasetKind::Camus, &camus).unwrap());
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("4CH_ES_gt") && e.contains("ground truth missing")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("patient0002") && e.contains("empty case folder")),
+        "{errs:?}"
+    );
+    let err = sgp_data::load_with(DatasetKind::Camus, &camus, &allow).unwrap_err();
+    assert!(err.to_string().contains("does not apply to camus"), "{err}");
+
+    // ACDC: an empty patient folder is an error; testing/ without ground truth is an error
+    // that names the option, and with the option a warning and an unlabelled case.
+    let acdc = t.path().join("acdc/database");
+    acdc_patient(&acdc.join("training"), 1, 1, 12);
+    acdc_patient(&acdc.join("testing"), 101, 1, 14);
+    fs::remove_file(acdc.join("testing/patient101/patient101_frame14_gt.nii.gz")).unwrap();
+    fs::create_dir_all(acdc.join("training/patient002")).unwrap();
+    let ds = load(DatasetKind::Acdc, &acdc).unwrap();
+    let errs = errors_of(&ds);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("patient002") && e.contains("empty case folder")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("ES ground truth missing") && e.contains("--allow-unlabelled")),
+        "{errs:?}"
+    );
+    fs::remove_dir(acdc.join("training/patient002")).unwrap();
+    let ds = sgp_data::load_with(DatasetKind::Acdc, &acdc, &allow).unwrap();
+    assert!(errors_of(&ds).is_empty(), "{:?}", errors_of(&ds));
+    assert!(warnings_of(&ds).iter().any(|w| w.contains("ES ground truth missing")));
+    assert!(ds.case("patient101_ES").unwrap().labels.is_empty());
+    // Training ground truth is never optional.
+    fs::remove_file(acdc.join("training/patient001/patient001_frame12_gt.nii.gz")).unwrap();
+    let errs = errors_of(&sgp_data::load_with(DatasetKind::Acdc, &acdc, &allow).unwrap());
+    assert!(errs.iter().any(|e| e.contains("patient001_frame12_gt")), "{errs:?}");
+
+    // REFUGE: an image without a mask is an error unless the option is given.
+    let refuge = t.path().join("refuge");
+    rgb(&refuge.join("Train/Images/g0001.jpg"), 16, 12);
+    png_grey(&refuge.join("Train/Masks/g0001.bmp"), 16, 12, |x, _| {
+        if x < 8 {
+            255
+        } else {
+            128
+        }
+    });
+    rgb(&refuge.join("Test400/T0001.jpg"), 16, 12);
+    let errs = errors_of(&load(DatasetKind::Refuge, &refuge).unwrap());
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("T0001") && e.contains("without a disc/cup mask")),
+        "{errs:?}"
+    );
+    let ds = sgp_data::load_with(DatasetKind::Refuge, &refuge, &allow).unwrap();
+    assert!(errors_of(&ds).is_empty(), "{:?}", errors_of(&ds));
+
+    // BUSI and WBC: an empty class / subset folder.
+    let busi = t.path().join("busi");
+    png_grey(&busi.join("benign/benign (1).png"), 8, 8, |x, _| x as u8 * 20);
+    png_grey(&busi.join("benign/benign (1)_mask.png"), 8, 8, |x, _| {
+        if x > 3 {
+            255
+        } else {
+            0
+        }
+    });
+    fs::create_dir_all(busi.join("malignant")).unwrap();
+    let errs = errors_of(&load(DatasetKind::Busi, &busi).unwrap());
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("malignant") && e.contains("empty case folder")),
+        "{errs:?}"
+    );
+    let wbc = t.path().join("wbc");
+    rgb(&wbc.join("Dataset 1/001.bmp"), 8, 8);
+    png_grey(&wbc.join("Dataset 1/001.png"), 8, 8, |_, _| 0);
+    fs::create_dir_all(wbc.join("Dataset 2")).unwrap();
+    let errs = errors_of(&load(DatasetKind::Wbc, &wbc).unwrap());
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("Dataset 2") && e.contains("empty case folder")),
+        "{errs:?}"
+    );
+}

@@ -32,11 +32,13 @@ use crate::report::{write_atomic, CaseMetrics, Report, Unmatched};
 pub struct FolderOptions {
     /// Labels to evaluate; `None`: every non-zero label found in the ground truth.
     pub labels: Option<Vec<u16>>,
+    /// Spacing use, HD percentile and NSD tolerance.
     pub metrics: MetricOptions,
     /// Where the images for the overlays are; `None`: look next to the ground truth.
     pub image_dir: Option<PathBuf>,
     /// Write `overlays/<case>.png`.
     pub overlays: bool,
+    /// How the overlays look.
     pub overlay: OverlayOptions,
     /// Write `dice_per_case.png`.
     pub bar_chart: bool,
@@ -58,6 +60,7 @@ impl Default for FolderOptions {
 /// What [`evaluate_folder`] did.
 #[derive(Debug, Clone)]
 pub struct FolderOutcome {
+    /// The metrics, as written to `summary.json`.
     pub report: Report,
     /// Every file written, in `out_dir`.
     pub written: Vec<PathBuf>,

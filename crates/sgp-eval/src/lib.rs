@@ -9,6 +9,8 @@
 //!
 //! The metric core takes `ndarray` views and a spacing; only [`folder`] reads files.
 
+#![warn(missing_docs)]
+
 mod edt;
 pub mod error;
 pub mod folder;

@@ -71,11 +71,15 @@ impl Default for MetricOptions {
 /// (see the module docs for when).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LabelMetrics {
+    /// The label value.
     pub label: u16,
+    /// Dice coefficient.
     pub dice: Option<f64>,
+    /// Intersection over union (Jaccard).
     pub iou: Option<f64>,
-    /// mm.
+    /// 95th-percentile Hausdorff distance, mm.
     pub hd95: Option<f64>,
+    /// Normalised surface distance at the tolerance of [`MetricOptions`].
     pub nsd: Option<f64>,
     /// Voxels of this label in the ground truth.
     pub gt_voxels: u64,

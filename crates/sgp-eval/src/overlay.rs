@@ -52,6 +52,7 @@ pub enum SliceChoice {
 /// Options of [`render_overlay`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OverlayOptions {
+    /// Which slice of a volume is drawn.
     pub slice: SliceChoice,
     /// Pictures are enlarged until their shorter side reaches this many pixels (up to 16×).
     pub min_size: u32,

@@ -21,7 +21,9 @@ pub const STD_DEFINITION: &str = "population standard deviation (ddof = 0) over 
 /// The metrics of every evaluated label of one case.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CaseMetrics {
+    /// The case name (file name without extension).
     pub case: String,
+    /// One entry per evaluated label.
     pub metrics: Vec<LabelMetrics>,
 }
 
@@ -35,13 +37,16 @@ impl CaseMetrics {
 /// Mean and population std of one metric over the cases where it is defined.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Stat {
+    /// Mean over the cases where the value is defined.
     pub mean: Option<f64>,
+    /// Population standard deviation ([`STD_DEFINITION`]).
     pub std: Option<f64>,
     /// Cases that contributed.
     pub n: usize,
 }
 
 impl Stat {
+    /// The statistic of `values` (`None`s when empty).
     pub fn of(values: impl IntoIterator<Item = f64>) -> Stat {
         let v: Vec<f64> = values.into_iter().collect();
         let n = v.len();
@@ -66,22 +71,30 @@ impl Stat {
 /// Aggregates of one label over all cases.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassSummary {
+    /// The label value.
     pub label: u16,
     /// Cases whose ground truth contains the label.
     pub cases_with_label: usize,
+    /// Dice over the cases.
     pub dice: Stat,
+    /// IoU over the cases.
     pub iou: Stat,
-    /// mm.
+    /// HD95 over the cases, mm.
     pub hd95: Stat,
+    /// NSD over the cases.
     pub nsd: Stat,
 }
 
 /// Unweighted mean of the per-class means.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MeanOverClasses {
+    /// Mean of the classes' mean Dice.
     pub dice: Option<f64>,
+    /// Mean of the classes' mean IoU.
     pub iou: Option<f64>,
+    /// Mean of the classes' mean HD95, mm.
     pub hd95: Option<f64>,
+    /// Mean of the classes' mean NSD.
     pub nsd: Option<f64>,
 }
 
@@ -97,14 +110,23 @@ pub struct Unmatched {
 /// Everything `summary.json` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
+    /// NSD tolerance used, mm.
     pub nsd_tolerance_mm: f64,
+    /// Hausdorff percentile used (95).
     pub hd_percentile: f64,
+    /// What `std` means ([`STD_DEFINITION`]).
     pub std: String,
+    /// The evaluated labels.
     pub labels: Vec<u16>,
+    /// Number of evaluated cases.
     pub n_cases: usize,
+    /// Aggregates per label.
     pub per_class: Vec<ClassSummary>,
+    /// Unweighted means over the labels.
     pub mean_over_classes: MeanOverClasses,
+    /// Cases on one side only.
     pub unmatched: Unmatched,
+    /// Every case's metrics.
     pub cases: Vec<CaseMetrics>,
 }
 

@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use common::demo::lesion_slices;
 use common::sam2::{random_vb, tiny_sam2_config};
-use common::{assert_bit_identical, max_abs_diff, snapshot, values, Rng};
+use common::{assert_bit_identical, snapshot, values, Rng};
+use sgp_kernels::testing::max_abs_diff;
 use sgp_lora::{count_trainable, HieraDims, Lora, LoraConfig, Target};
 use sgp_sam2::adapt::AdaptableModel;
 use sgp_sam2::image_encoder::ImageEncoder;
@@ -47,7 +48,7 @@ fn run(model: &Sam2Model, image: &Tensor) -> Outputs {
         boxes: Some([8.0, 10.0, 40.0, 38.0]),
         ..Default::default()
     };
-    let p = model.predict(&emb, &prompt, true).unwrap();
+    let p = model.predict(&emb, &prompt, model.multimask(true)).unwrap();
     Outputs {
         image_embed: emb.image_embed,
         mask_logits: p.mask_logits,
@@ -99,7 +100,7 @@ fn sam2_with_fresh_adapters_is_bit_identical_and_merging_matches() {
     // softmax / layer norm: same function, other rounding.
     lora.set_train(true);
     let tracked = run(&model, &image);
-    let err = max_abs_diff(&tracked.mask_logits, &plain.mask_logits);
+    let err = max_abs_diff(&tracked.mask_logits, &plain.mask_logits).unwrap();
     eprintln!("fresh adapters, training mode: mask logits within {err:.2e} of the base model");
     assert!(err < 1e-4, "training-mode forward differs by {err}");
     lora.set_train(false);
@@ -107,7 +108,7 @@ fn sam2_with_fresh_adapters_is_bit_identical_and_merging_matches() {
     randomise_b(&lora, 4, 0.2);
     let adapted = run(&model, &image);
     assert!(
-        max_abs_diff(&adapted.image_embed, &plain.image_embed) > 1e-3,
+        max_abs_diff(&adapted.image_embed, &plain.image_embed).unwrap() > 1e-3,
         "the adapters must matter"
     );
 
@@ -118,7 +119,7 @@ fn sam2_with_fresh_adapters_is_bit_identical_and_merging_matches() {
         ("mask_logits", &merged.mask_logits, &adapted.mask_logits),
         ("iou", &merged.iou, &adapted.iou),
     ] {
-        let err = max_abs_diff(a, b);
+        let err = max_abs_diff(a, b).unwrap();
         eprintln!("merged vs unmerged {name}: max abs diff {err:.2e}");
         assert!(err < 1e-5, "{name}: merged differs by {err}");
     }
@@ -273,7 +274,7 @@ fn training_the_adapters_segments_better_and_leaves_the_base_untouched() {
                 ..Default::default()
             };
             let logits = model
-                .predict(&emb, &prompt, false)
+                .predict(&emb, &prompt, model.multimask(false))
                 .unwrap()
                 .mask_logits
                 .squeeze(0)

@@ -82,10 +82,10 @@ pub struct FpnNeckConfig {
     pub stride: usize,
     #[serde(default)]
     pub padding: usize,
-    #[serde(default = "default_interp")]
-    pub fpn_interp_model: String,
-    #[serde(default = "default_fuse")]
-    pub fuse_type: String,
+    #[serde(default)]
+    pub fpn_interp_model: FpnInterp,
+    #[serde(default)]
+    pub fuse_type: FuseType,
     #[serde(default)]
     pub fpn_top_down_levels: Option<Vec<usize>>,
 }
@@ -93,11 +93,28 @@ pub struct FpnNeckConfig {
 fn one() -> usize {
     1
 }
-fn default_interp() -> String {
-    "bilinear".into()
+
+/// `FpnNeck.fpn_interp_model`: how a coarser level is upsampled 2× in the top-down path.
+/// The yaml holds the torch `interpolate` mode name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FpnInterp {
+    /// `mode="nearest"` (every official config).
+    Nearest,
+    /// `mode="bilinear"`, `align_corners=False` (the constructor default).
+    #[default]
+    Bilinear,
 }
-fn default_fuse() -> String {
-    "sum".into()
+
+/// `FpnNeck.fuse_type`: how the lateral and top-down features are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FuseType {
+    /// Their sum (the default).
+    #[default]
+    Sum,
+    /// Their mean.
+    Avg,
 }
 
 /// `ImageEncoder` arguments.
@@ -129,7 +146,7 @@ impl Default for MaskDecoderExtraArgs {
 }
 
 /// `SAM2Base` arguments; defaults are `SAM2Base.__init__`'s.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sam2Config {
     pub image_encoder: ImageEncoderConfig,
     pub memory_attention: MemoryAttentionConfig,
@@ -415,6 +432,8 @@ impl Sam2Config {
     }
 
     /// Checks the invariants the model code relies on, with messages a user can act on.
+    /// A config that passes never panics while the model is built or run: every value
+    /// that would divide by zero, underflow or index out of range is refused here.
     pub fn validate(&self) -> Result<()> {
         let s = self.image_size;
         if s == 0 || s % 32 != 0 {
@@ -428,12 +447,51 @@ impl Sam2Config {
                 self.backbone_stride
             )));
         }
+        let channels = self.validate_trunk()?;
+        self.validate_neck(&channels)?;
+        self.validate_memory_path()?;
+        if self.fixed_no_obj_ptr && !(self.pred_obj_scores && self.use_obj_ptrs_in_encoder) {
+            return Err(Error::Config(
+                "fixed_no_obj_ptr needs pred_obj_scores and use_obj_ptrs_in_encoder".into(),
+            ));
+        }
+        if self.proj_tpos_enc_in_obj_ptrs && !self.add_tpos_enc_to_obj_ptrs {
+            return Err(Error::Config(
+                "proj_tpos_enc_in_obj_ptrs needs add_tpos_enc_to_obj_ptrs".into(),
+            ));
+        }
+        for (name, v) in [
+            ("sigmoid_scale_for_mem_enc", self.sigmoid_scale_for_mem_enc),
+            ("sigmoid_bias_for_mem_enc", self.sigmoid_bias_for_mem_enc),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::Config(format!("{name} must be finite, got {v}")));
+            }
+        }
+        let extra = self.mask_decoder_extra_args();
+        if !extra.dynamic_multimask_stability_delta.is_finite() || !extra.dynamic_multimask_stability_thresh.is_finite()
+        {
+            return Err(Error::Config(
+                "sam_mask_decoder_extra_args: stability delta and thresh must be finite".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Hiera trunk: stage sizes, the per-stage dims and heads it derives (`dim_mul`,
+    /// `head_mul`), windows. Returns the stage channels, lowest resolution first.
+    fn validate_trunk(&self) -> Result<Vec<usize>> {
         let t = &self.image_encoder.trunk;
         if t.stages.is_empty() || t.stages.len() != t.window_spec.len() {
             return Err(Error::Config(format!(
                 "trunk.stages ({}) and trunk.window_spec ({}) must have the same non-zero length",
                 t.stages.len(),
                 t.window_spec.len()
+            )));
+        }
+        if let Some(i) = t.stages.iter().position(|&n| n == 0) {
+            return Err(Error::Config(format!(
+                "trunk.stages[{i}] is 0; every stage needs at least one block"
             )));
         }
         if t.q_pool > t.stages.len() - 1 {
@@ -448,6 +506,61 @@ impl Sam2Config {
                 "trunk embed_dim, num_heads and q_stride must be > 0".into(),
             ));
         }
+        for (name, v) in [("dim_mul", t.dim_mul), ("head_mul", t.head_mul)] {
+            if !v.is_finite() || v <= 0.0 {
+                return Err(Error::Config(format!(
+                    "trunk.{name} must be a positive number, got {v}"
+                )));
+            }
+        }
+        // The dims and heads Hiera derives stage by stage, as its constructor does.
+        let (mut dim, mut heads) = (t.embed_dim, t.num_heads);
+        let mut channels = Vec::with_capacity(t.stages.len());
+        for stage in 0..t.stages.len() {
+            if stage > 0 {
+                dim = (dim as f64 * t.dim_mul) as usize;
+                heads = (heads as f64 * t.head_mul) as usize;
+            }
+            if dim == 0 || heads == 0 {
+                return Err(Error::Config(format!(
+                    "trunk stage {stage} gets dim {dim} with {heads} heads (embed_dim {}, num_heads {}, dim_mul {}, \
+                     head_mul {}); both must stay > 0",
+                    t.embed_dim, t.num_heads, t.dim_mul, t.head_mul
+                )));
+            }
+            if dim % heads != 0 {
+                return Err(Error::Config(format!(
+                    "trunk stage {stage}: dim {dim} is not divisible by its {heads} heads"
+                )));
+            }
+            channels.push(dim);
+        }
+        channels.reverse();
+        if t.window_spec[0] == 0 {
+            return Err(Error::Config(
+                "trunk.window_spec[0] must be > 0 (it sizes pos_embed_window)".into(),
+            ));
+        }
+        if t.window_pos_embed_bkg_spatial_size.contains(&0) {
+            return Err(Error::Config(
+                "trunk.window_pos_embed_bkg_spatial_size must be > 0".into(),
+            ));
+        }
+        // A pooling block keeps the previous stage's window, shrunk by the query stride.
+        for (j, &w) in t.window_spec.iter().take(t.q_pool).enumerate() {
+            if w != 0 && w < t.q_stride[0] {
+                return Err(Error::Config(format!(
+                    "trunk.window_spec[{j}] = {w} is smaller than q_stride {}; the pooled window would be empty",
+                    t.q_stride[0]
+                )));
+            }
+        }
+        Ok(channels)
+    }
+
+    /// The FPN neck against the trunk it reads.
+    fn validate_neck(&self, trunk_channels: &[usize]) -> Result<()> {
+        let t = &self.image_encoder.trunk;
         let neck = &self.image_encoder.neck;
         let expected_levels = if t.return_interm_layers { t.stages.len() } else { 1 };
         if neck.backbone_channel_list.len() != expected_levels {
@@ -456,20 +569,42 @@ impl Sam2Config {
                 neck.backbone_channel_list.len()
             )));
         }
-        if neck.fpn_interp_model != "nearest" && neck.fpn_interp_model != "bilinear" {
+        let trunk_channels = if t.return_interm_layers {
+            trunk_channels
+        } else {
+            &trunk_channels[..1]
+        };
+        if neck.backbone_channel_list != trunk_channels {
             return Err(Error::Config(format!(
-                "neck.fpn_interp_model {:?} is not supported (nearest, bilinear)",
-                neck.fpn_interp_model
+                "neck.backbone_channel_list {:?} does not match the trunk's channels {trunk_channels:?}",
+                neck.backbone_channel_list
             )));
         }
-        if neck.fuse_type != "sum" && neck.fuse_type != "avg" {
+        let c = neck.d_model;
+        if c == 0 || c % 8 != 0 {
             return Err(Error::Config(format!(
-                "neck.fuse_type must be sum or avg, got {:?}",
-                neck.fuse_type
+                "neck.d_model (hidden_dim) must be a positive multiple of 8, got {c}"
             )));
         }
-        if neck.position_encoding.num_pos_feats % 2 != 0 {
-            return Err(Error::Config("position_encoding.num_pos_feats must be even".into()));
+        // The lateral convs must keep the map size: the top-down path adds maps of equal size.
+        if neck.kernel_size == 0 || neck.stride != 1 || neck.kernel_size != 2 * neck.padding + 1 {
+            return Err(Error::Config(format!(
+                "neck convs must keep the map size (stride 1, kernel_size = 2·padding + 1), got kernel_size {}, \
+                 stride {}, padding {}",
+                neck.kernel_size, neck.stride, neck.padding
+            )));
+        }
+        let pe = &neck.position_encoding;
+        if pe.num_pos_feats == 0 || pe.num_pos_feats % 2 != 0 {
+            return Err(Error::Config(
+                "position_encoding.num_pos_feats must be even and > 0".into(),
+            ));
+        }
+        if pe.num_pos_feats != c {
+            return Err(Error::Config(format!(
+                "neck.position_encoding.num_pos_feats {} must equal neck.d_model {c}",
+                pe.num_pos_feats
+            )));
         }
         if self.image_encoder.scalp >= neck.backbone_channel_list.len() {
             return Err(Error::Config("image_encoder.scalp removes every feature level".into()));
@@ -479,15 +614,101 @@ impl Sam2Config {
                 "use_high_res_features_in_sam needs 3 feature levels after scalp".into(),
             ));
         }
-        if self.fixed_no_obj_ptr && !(self.pred_obj_scores && self.use_obj_ptrs_in_encoder) {
+        Ok(())
+    }
+
+    /// Memory attention and memory encoder: head counts, rates, strides and the memory
+    /// dim the object pointers are split by.
+    fn validate_memory_path(&self) -> Result<()> {
+        let c = self.hidden_dim();
+        let ma = &self.memory_attention;
+        for (name, a) in [
+            ("self_attention", &ma.layer.self_attention),
+            ("cross_attention", &ma.layer.cross_attention),
+        ] {
+            if a.embedding_dim == 0 || a.num_heads == 0 || a.downsample_rate == 0 {
+                return Err(Error::Config(format!(
+                    "memory_attention.layer.{name}: embedding_dim, num_heads and downsample_rate must be > 0"
+                )));
+            }
+            let internal = a.embedding_dim / a.downsample_rate;
+            if internal == 0 || internal % a.num_heads != 0 {
+                return Err(Error::Config(format!(
+                    "memory_attention.layer.{name}: embedding_dim {} / downsample_rate {} = {internal} is not a \
+                     positive multiple of num_heads {}",
+                    a.embedding_dim, a.downsample_rate, a.num_heads
+                )));
+            }
+            if a.uses_rope() && (internal / a.num_heads) % 4 != 0 {
+                return Err(Error::Config(format!(
+                    "memory_attention.layer.{name}: axial RoPE needs a head dim divisible by 4, got {}",
+                    internal / a.num_heads
+                )));
+            }
+            if a.kv_in_dim == Some(0) {
+                return Err(Error::Config(format!(
+                    "memory_attention.layer.{name}.kv_in_dim must be > 0"
+                )));
+            }
+        }
+        let me = &self.memory_encoder;
+        if me.out_dim == 0 || me.in_dim == 0 {
+            return Err(Error::Config("memory_encoder.in_dim and out_dim must be > 0".into()));
+        }
+        let md = &me.mask_downsampler;
+        if md.kernel_size == 0 || md.stride < 2 || md.total_stride < md.stride {
+            return Err(Error::Config(format!(
+                "memory_encoder.mask_downsampler needs kernel_size > 0, stride >= 2 and total_stride >= stride \
+                 (got {}, {}, {})",
+                md.kernel_size, md.stride, md.total_stride
+            )));
+        }
+        // Each conv must divide the map size by exactly `stride` (a kernel wider than the
+        // padded map would not even run): 2·padding < kernel_size ≤ stride + 2·padding.
+        if md.kernel_size <= 2 * md.padding || md.kernel_size > md.stride + 2 * md.padding {
+            return Err(Error::Config(format!(
+                "memory_encoder.mask_downsampler: kernel_size {} with padding {} does not downsample by stride {}",
+                md.kernel_size, md.padding, md.stride
+            )));
+        }
+        if md.total_stride != self.backbone_stride {
+            return Err(Error::Config(format!(
+                "memory_encoder.mask_downsampler.total_stride {} must equal backbone_stride {} (the mask memory is \
+                 added to the image features)",
+                md.total_stride, self.backbone_stride
+            )));
+        }
+        let mut p = 1usize;
+        while p < md.total_stride {
+            p = p.checked_mul(md.stride).unwrap_or(usize::MAX);
+        }
+        if p != md.total_stride {
+            return Err(Error::Config(format!(
+                "memory_encoder.mask_downsampler.total_stride {} is not a power of stride {}",
+                md.total_stride, md.stride
+            )));
+        }
+        let cx = &me.fuser.layer;
+        if cx.dim == 0 || cx.kernel_size == 0 || cx.kernel_size != 2 * cx.padding + 1 {
+            return Err(Error::Config(format!(
+                "memory_encoder.fuser.layer needs dim > 0 and a size-keeping depthwise conv (kernel_size = \
+                 2·padding + 1), got dim {}, kernel_size {}, padding {}",
+                cx.dim, cx.kernel_size, cx.padding
+            )));
+        }
+        let pe = &me.position_encoding;
+        if pe.num_pos_feats == 0 || pe.num_pos_feats % 2 != 0 {
             return Err(Error::Config(
-                "fixed_no_obj_ptr needs pred_obj_scores and use_obj_ptrs_in_encoder".into(),
+                "memory_encoder.position_encoding.num_pos_feats must be even and > 0".into(),
             ));
         }
-        if self.proj_tpos_enc_in_obj_ptrs && !self.add_tpos_enc_to_obj_ptrs {
-            return Err(Error::Config(
-                "proj_tpos_enc_in_obj_ptrs needs add_tpos_enc_to_obj_ptrs".into(),
-            ));
+        // `SAM2Base.mem_dim`; object pointers (C wide) are split into C / mem_dim tokens.
+        let mem_dim = if me.out_dim != me.in_dim { me.out_dim } else { c };
+        if self.use_obj_ptrs_in_encoder && mem_dim < c && c % mem_dim != 0 {
+            return Err(Error::Config(format!(
+                "hidden_dim {c} is not a multiple of the memory dim {mem_dim} (object pointers are split into \
+                 hidden_dim / mem_dim tokens)"
+            )));
         }
         Ok(())
     }
@@ -547,7 +768,7 @@ model:
         assert_eq!(c.image_size, 512);
         assert_eq!(c.num_maskmem, 7);
         assert_eq!(c.image_encoder.scalp, 0);
-        assert_eq!(c.image_encoder.neck.fpn_interp_model, "bilinear");
+        assert_eq!(c.image_encoder.neck.fpn_interp_model, FpnInterp::Bilinear);
         assert!(c.add_tpos_enc_to_obj_ptrs);
         assert_eq!(c.image_encoder.trunk.window_spec, vec![8, 4, 14, 7]);
         let real = c.with_real_use_settings();

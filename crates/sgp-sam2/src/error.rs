@@ -32,9 +32,6 @@ pub enum Error {
 
     #[error("invalid input: {0}")]
     Input(String),
-
-    #[error("parity: {0}")]
-    Parity(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -112,7 +112,37 @@ impl Module for ObjScoreHead {
     }
 }
 
-/// What `MaskDecoder.forward` returns.
+/// How many masks the decoder outputs: the official `multimask_output` bool together with
+/// the `dynamic_multimask_via_stability` setting, as one explicit choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Multimask {
+    /// One mask, from the single-mask token.
+    Single,
+    /// Three masks, from the multimask tokens (ambiguous prompts such as one click).
+    Multi,
+    /// One mask: the single-mask output when it is stable, otherwise the multimask output
+    /// with the highest predicted IoU (`dynamic_multimask_via_stability`).
+    Dynamic,
+}
+
+impl Multimask {
+    /// The official `multimask_output` bool under a config that does (`dynamic`) or does
+    /// not turn on `dynamic_multimask_via_stability`.
+    pub fn from_official(multimask_output: bool, dynamic: bool) -> Self {
+        match (multimask_output, dynamic) {
+            (true, _) => Self::Multi,
+            (false, true) => Self::Dynamic,
+            (false, false) => Self::Single,
+        }
+    }
+
+    /// Whether the output has three masks.
+    pub fn is_multi(self) -> bool {
+        self == Self::Multi
+    }
+}
+
+/// What `MaskDecoder.forward` returns, plus the intermediates SGP builds on.
 #[derive(Debug, Clone)]
 pub struct MaskDecoderOutput {
     /// `[B, M, 4h, 4w]` mask logits, M = 3 (multimask) or 1.
@@ -123,6 +153,28 @@ pub struct MaskDecoderOutput {
     pub sam_tokens_out: Tensor,
     /// `[B, 1]`.
     pub object_score_logits: Tensor,
+    /// `[B, T, C]`, all T = 1 + `num_multimask_outputs` mask tokens after the two-way
+    /// transformer (before the hypernetwork MLPs).
+    pub mask_tokens_out: Tensor,
+    /// `[B, C/8, 4h, 4w]`, the upscaled image embedding (after the high-res skips, before
+    /// the product with the hypernetwork outputs).
+    pub upscaled_embedding: Tensor,
+}
+
+/// The raw result of `predict_masks`: every mask token's output, before the multimask
+/// choice.
+#[derive(Debug, Clone)]
+pub struct PredictedMasks {
+    /// `[B, T, 4h, 4w]` logits of all T mask tokens.
+    pub masks: Tensor,
+    /// `[B, T]` predicted IoUs.
+    pub iou_pred: Tensor,
+    /// `[B, T, C]` mask tokens after the two-way transformer.
+    pub mask_tokens_out: Tensor,
+    /// `[B, 1]`.
+    pub object_score_logits: Tensor,
+    /// `[B, C/8, 4h, 4w]` upscaled image embedding.
+    pub upscaled_embedding: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -251,17 +303,15 @@ impl MaskDecoder {
         }
     }
 
-    /// `predict_masks`: all 4 masks `[B, 4, 4h, 4w]`, IoUs `[B, 4]`, mask tokens
-    /// `[B, 4, C]`, object score logits `[B, 1]`.
+    /// `predict_masks`: the outputs of all mask tokens (T = 4 in SAM2).
     pub fn predict_masks(
         &self,
         image_embeddings: &Tensor,
         image_pe: &Tensor,
         sparse_prompt_embeddings: &Tensor,
         dense_prompt_embeddings: &Tensor,
-        repeat_image: bool,
         high_res_features: Option<(&Tensor, &Tensor)>,
-    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    ) -> Result<PredictedMasks> {
         let nb = sparse_prompt_embeddings.dim(0)?;
         let c = self.cfg.transformer_dim;
         let nm = self.num_mask_tokens();
@@ -273,22 +323,13 @@ impl MaskDecoder {
         let output_tokens = output_tokens.unsqueeze(0)?.expand((nb, n_out, c))?;
         let tokens = Tensor::cat(&[&output_tokens, &sparse_prompt_embeddings.to_dtype(DType::F32)?], 1)?;
 
-        let src = if repeat_image {
-            // One image shared by all prompt sets (`repeat_interleave` of a batch of 1).
-            let (b, cc, h, w) = image_embeddings.dims4()?;
-            if b != 1 {
-                candle_core::bail!("mask decoder: repeat_image needs one image, got a batch of {b}");
-            }
-            image_embeddings.expand((nb, cc, h, w))?.contiguous()?
-        } else {
-            if image_embeddings.dim(0)? != nb {
-                candle_core::bail!(
-                    "mask decoder: image batch {} != prompt batch {nb}",
-                    image_embeddings.dim(0)?
-                );
-            }
-            image_embeddings.clone()
-        };
+        if image_embeddings.dim(0)? != nb {
+            candle_core::bail!(
+                "mask decoder: image batch {} != prompt batch {nb}",
+                image_embeddings.dim(0)?
+            );
+        }
+        let src = image_embeddings.clone();
         let src = src.broadcast_add(dense_prompt_embeddings)?;
         if image_pe.dim(0)? != 1 {
             candle_core::bail!("mask decoder: image_pe must have batch 1");
@@ -332,20 +373,25 @@ impl MaskDecoder {
             // No object-score head: "object present" (sigmoid(10) ≈ 1).
             None => Tensor::full(10f32, (iou_pred.dim(0)?, 1), iou_pred.device())?,
         };
-        Ok((masks, iou_pred, mask_tokens_out, object_score_logits))
+        Ok(PredictedMasks {
+            masks,
+            iou_pred,
+            mask_tokens_out,
+            object_score_logits,
+            upscaled_embedding: upscaled,
+        })
     }
 
     /// `MaskDecoder.forward` in eval mode. `high_res_features` = (stride-4 level after
-    /// `conv_s0`, stride-8 level after `conv_s1`). Mirrors the official argument list.
-    #[allow(clippy::too_many_arguments)]
+    /// `conv_s0`, stride-8 level after `conv_s1`). The image batch must equal the prompt
+    /// batch (expand one image for several prompt sets).
     pub fn forward(
         &self,
         image_embeddings: &Tensor,
         image_pe: &Tensor,
         sparse_prompt_embeddings: &Tensor,
         dense_prompt_embeddings: &Tensor,
-        multimask_output: bool,
-        repeat_image: bool,
+        multimask: Multimask,
         high_res_features: Option<(&Tensor, &Tensor)>,
     ) -> Result<MaskDecoderOutput> {
         if self.cfg.use_high_res_features != high_res_features.is_some() {
@@ -359,34 +405,39 @@ impl MaskDecoder {
                 }
             );
         }
-        let (masks, iou_pred, mask_tokens_out, object_score_logits) = self.predict_masks(
+        let p = self.predict_masks(
             image_embeddings,
             image_pe,
             sparse_prompt_embeddings,
             dense_prompt_embeddings,
-            repeat_image,
             high_res_features,
         )?;
         let nm = self.num_mask_tokens();
-        let (masks, iou_pred) = if multimask_output {
-            (masks.narrow(1, 1, nm - 1)?, iou_pred.narrow(1, 1, nm - 1)?)
-        } else if self.cfg.dynamic_multimask_via_stability {
-            self.dynamic_multimask_via_stability(&masks, &iou_pred)?
-        } else {
-            (masks.narrow(1, 0, 1)?, iou_pred.narrow(1, 0, 1)?)
+        let (masks, iou_pred) = match multimask {
+            Multimask::Multi => (p.masks.narrow(1, 1, nm - 1)?, p.iou_pred.narrow(1, 1, nm - 1)?),
+            Multimask::Dynamic => self.dynamic_multimask_via_stability(&p.masks, &p.iou_pred)?,
+            Multimask::Single => (p.masks.narrow(1, 0, 1)?, p.iou_pred.narrow(1, 0, 1)?),
         };
-        let sam_tokens_out = if multimask_output && self.cfg.use_multimask_token_for_obj_ptr {
-            mask_tokens_out.narrow(1, 1, nm - 1)?
+        let sam_tokens_out = if multimask.is_multi() && self.cfg.use_multimask_token_for_obj_ptr {
+            p.mask_tokens_out.narrow(1, 1, nm - 1)?
         } else {
             // The single-mask token is the object-memory token, also after multimask output.
-            mask_tokens_out.narrow(1, 0, 1)?
+            p.mask_tokens_out.narrow(1, 0, 1)?
         };
         Ok(MaskDecoderOutput {
             masks,
             iou_pred,
             sam_tokens_out,
-            object_score_logits,
+            object_score_logits: p.object_score_logits,
+            mask_tokens_out: p.mask_tokens_out,
+            upscaled_embedding: p.upscaled_embedding,
         })
+    }
+
+    /// The official `multimask_output` bool as a [`Multimask`] under this decoder's
+    /// `dynamic_multimask_via_stability` setting.
+    pub fn multimask(&self, multimask_output: bool) -> Multimask {
+        Multimask::from_official(multimask_output, self.cfg.dynamic_multimask_via_stability)
     }
 
     /// Stability of single-mask logits `[B, 1, H, W]`: area(>δ) / area(>-δ), 1 if empty.

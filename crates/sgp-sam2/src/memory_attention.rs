@@ -30,7 +30,7 @@ fn default_relu() -> String {
 }
 
 /// `RoPEAttention` (or plain `Attention`) constructor arguments.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttentionConfig {
     /// Tells `RoPEAttention` from plain `Attention`; absent means RoPE (the SAM2 default).
     #[serde(rename = "_target_", default)]
@@ -62,7 +62,7 @@ impl AttentionConfig {
 }
 
 /// `MemoryAttentionLayer` constructor arguments.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryAttentionLayerConfig {
     #[serde(default = "default_relu")]
     pub activation: String,
@@ -84,7 +84,7 @@ pub struct MemoryAttentionLayerConfig {
 ///
 /// `MemoryAttention` has no defaults for `pos_enc_at_input`, `layer` and `num_layers`;
 /// when a config omits them we take the values every official SAM2/SAM2.1 yaml uses.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryAttentionConfig {
     #[serde(default = "default_d_model")]
     pub d_model: usize,

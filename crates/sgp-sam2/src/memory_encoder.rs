@@ -51,7 +51,7 @@ fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::E
 }
 
 /// `MaskDownSampler` arguments.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskDownSamplerConfig {
     #[serde(default = "default_256")]
     pub embed_dim: usize,
@@ -66,7 +66,7 @@ pub struct MaskDownSamplerConfig {
 }
 
 /// `CXBlock` arguments.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CXBlockConfig {
     pub dim: usize,
     #[serde(default = "default_7")]
@@ -80,7 +80,7 @@ pub struct CXBlockConfig {
 }
 
 /// `Fuser` arguments.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FuserConfig {
     pub layer: CXBlockConfig,
     pub num_layers: usize,
@@ -95,7 +95,7 @@ pub struct FuserConfig {
 /// `MemoryEncoder` has no defaults for `mask_downsampler`, `fuser` and
 /// `position_encoding`; when a config omits them we take the values that every official
 /// SAM2/SAM2.1 yaml uses, so a partial config still describes the released models.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryEncoderConfig {
     #[serde(default = "default_out_dim")]
     pub out_dim: usize,

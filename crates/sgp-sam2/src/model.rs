@@ -13,15 +13,15 @@ use candle_nn::VarBuilder;
 use crate::adapt::{AdaptableLinear, AdaptableModel};
 use crate::config::Sam2Config;
 use crate::image_encoder::{BackboneOutput, ImageEncoder};
+use crate::mask_decoder::Multimask;
 use crate::memory_attention::MemoryAttention;
 use crate::memory_encoder::MemoryEncoder;
 use crate::sam_heads::{SamHeads, SamHeadsConfig};
 use crate::weights::StrictWeights;
 use crate::{Error, Result};
 
-/// ImageNet statistics used by `SAM2Transforms`.
-pub const IMAGE_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGE_STD: [f32; 3] = [0.229, 0.224, 0.225];
+use crate::preprocess::Preprocess;
+pub use crate::preprocess::{IMAGE_MEAN, IMAGE_STD};
 
 /// `SAM2Base` with every sub-module and top-level parameter, named as in the checkpoint.
 #[derive(Debug, Clone)]
@@ -50,6 +50,7 @@ pub struct Sam2Model {
     pub mem_dim: usize,
     /// `SAM2Base.num_feature_levels`: 3 with high-res features in SAM, else 1.
     pub num_feature_levels: usize,
+    preprocess: Preprocess,
 }
 
 /// Flattened backbone features, `SAM2Base._prepare_backbone_features`.
@@ -149,6 +150,7 @@ impl Sam2Model {
             hidden_dim: c,
             mem_dim,
             num_feature_levels: if config.use_high_res_features_in_sam { 3 } else { 1 },
+            preprocess: Preprocess::new(config.image_size)?,
         })
     }
 
@@ -167,8 +169,49 @@ impl Sam2Model {
         model
     }
 
+    /// The device the parameters live on.
     pub fn device(&self) -> &Device {
         self.no_mem_embed.device()
+    }
+
+    /// The config the model was built from (validated).
+    pub fn config(&self) -> &Sam2Config {
+        &self.config
+    }
+
+    /// The image encoder (Hiera trunk + FPN neck).
+    pub fn image_encoder(&self) -> &ImageEncoder {
+        &self.image_encoder
+    }
+
+    /// The prompt encoder, mask decoder and object-pointer head.
+    pub fn sam_heads(&self) -> &SamHeads {
+        &self.sam_heads
+    }
+
+    /// The memory attention (current features attend to the memory bank).
+    pub fn memory_attention(&self) -> &MemoryAttention {
+        &self.memory_attention
+    }
+
+    /// The memory encoder (features + mask → memory).
+    pub fn memory_encoder(&self) -> &MemoryEncoder {
+        &self.memory_encoder
+    }
+
+    /// `SAM2Base.hidden_dim` C (the neck's `d_model`, 256 in every release).
+    pub fn hidden_dim(&self) -> usize {
+        self.hidden_dim
+    }
+
+    /// `SAM2Base.mem_dim` (the memory encoder's output channels, 64 in every release).
+    pub fn mem_dim(&self) -> usize {
+        self.mem_dim
+    }
+
+    /// `SAM2Base.num_feature_levels`: 3 with high-res features in the SAM heads, else 1.
+    pub fn num_feature_levels(&self) -> usize {
+        self.num_feature_levels
     }
 
     /// `SAM2Base.forward_image`: backbone features of `[B, 3, S, S]` normalised images,
@@ -249,31 +292,17 @@ impl Sam2Model {
         Ok((image_embed, high_res))
     }
 
-    /// Encodes one RGB image `[3, H, W]` with values in [0, 1], any size: resized to S×S
-    /// with antialiased bilinear (torchvision `Resize` on a tensor) and normalised with
-    /// the ImageNet statistics, as `SAM2Transforms` does.
+    /// The model-side image transform ([`Preprocess`]) for this model's input size.
+    pub fn preprocess(&self) -> Preprocess {
+        self.preprocess
+    }
+
+    /// Encodes one RGB image `[3, H, W]` with values in [0, 1], any size, through
+    /// [`Preprocess::image`] (`SAM2Transforms`).
     pub fn encode_image(&self, image: &Tensor) -> Result<ImageEmbedding> {
         let _span = tracing::info_span!("encode_image").entered();
-        let (c, h, w) = image
-            .dims3()
-            .map_err(|_| Error::Input(format!("image must be [3,H,W], got {:?}", image.dims())))?;
-        if c != 3 || h == 0 || w == 0 {
-            return Err(Error::Input(format!(
-                "image must be [3,H,W] RGB, got {:?}",
-                image.dims()
-            )));
-        }
-        let s = self.config.image_size;
-        let dev = self.device();
-        let x = image.to_device(dev)?.to_dtype(DType::F32)?.unsqueeze(0)?.contiguous()?;
-        let x = if (h, w) == (s, s) {
-            x
-        } else {
-            sgp_kernels::resize::bilinear_antialias(&x, s, s).map_err(kernel_err)?
-        };
-        let mean = Tensor::new(&IMAGE_MEAN, dev)?.reshape((1, 3, 1, 1))?;
-        let std = Tensor::new(&IMAGE_STD, dev)?.reshape((1, 3, 1, 1))?;
-        let x = x.broadcast_sub(&mean)?.broadcast_div(&std)?;
+        let x = self.preprocess.image(image, self.device())?;
+        let (_, h, w) = image.dims3()?;
         let (image_embed, high_res_feats) = self.image_features(&x)?;
         Ok(ImageEmbedding {
             image_embed,
@@ -282,13 +311,19 @@ impl Sam2Model {
         })
     }
 
-    /// `SAM2ImagePredictor.predict` for one image and one prompt set.
-    pub fn predict(&self, emb: &ImageEmbedding, prompt: &PromptInput, multimask: bool) -> Result<Prediction> {
+    /// The official `multimask_output` bool as a [`Multimask`] under this model's
+    /// `dynamic_multimask_via_stability` setting.
+    pub fn multimask(&self, multimask_output: bool) -> Multimask {
+        self.sam_heads.multimask(multimask_output)
+    }
+
+    /// `SAM2ImagePredictor.predict` for one image and one prompt set
+    /// (`predict(multimask_output=b)` is `multimask = model.multimask(b)`).
+    pub fn predict(&self, emb: &ImageEmbedding, prompt: &PromptInput, multimask: Multimask) -> Result<Prediction> {
         let _span = tracing::info_span!("predict").entered();
-        let s = self.config.image_size as f32;
-        let (oh, ow) = emb.orig_hw;
+        let orig_hw = emb.orig_hw;
         let dev = self.device();
-        let to_model = |x: f32, y: f32| [x / ow as f32 * s, y / oh as f32 * s];
+        let to_model = |x: f32, y: f32| self.preprocess.point([x, y], orig_hw);
 
         let mut coords: Vec<f32> = Vec::new();
         let mut labels: Vec<f32> = Vec::new();
@@ -350,12 +385,10 @@ impl Sam2Model {
             &sparse,
             &dense,
             multimask,
-            false,
             high_res,
         )?;
         let low_res = dec.masks; // [1, N, S/4, S/4]
-        let mask_logits = sgp_kernels::resize::bilinear(&low_res, oh, ow, false).map_err(kernel_err)?;
-        let mask_logits = mask_logits.squeeze(0)?;
+        let mask_logits = self.preprocess.logits_to_original(&low_res, orig_hw)?.squeeze(0)?;
         let masks = mask_logits.gt(0f32)?;
         let low_res_logits = low_res.clamp(-32f32, 32f32)?.squeeze(0)?;
         let iou_scores = dec.iou_pred.squeeze(0)?;
@@ -385,12 +418,5 @@ impl AdaptableModel for Sam2Model {
             v.push(("obj_ptr_tpos_proj".to_string(), l));
         }
         v
-    }
-}
-
-fn kernel_err(e: sgp_kernels::Error) -> Error {
-    match e {
-        sgp_kernels::Error::Candle(c) => Error::Candle(c),
-        other => Error::Input(other.to_string()),
     }
 }

@@ -5,14 +5,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::FpnNeckConfig;
+use crate::config::{FpnInterp as Interp, FpnNeckConfig, FuseType};
 use crate::position_encoding::PositionEmbeddingSine;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Interp {
-    Nearest,
-    Bilinear,
-}
 
 #[derive(Debug, Clone)]
 pub struct FpnNeck {
@@ -48,16 +42,8 @@ impl FpnNeck {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let interp = match cfg.fpn_interp_model.as_str() {
-            "nearest" => Interp::Nearest,
-            "bilinear" => Interp::Bilinear,
-            m => return Err(crate::Error::Config(format!("unsupported fpn_interp_model {m:?}"))),
-        };
-        let average = match cfg.fuse_type.as_str() {
-            "sum" => false,
-            "avg" => true,
-            f => return Err(crate::Error::Config(format!("unsupported fuse_type {f:?}"))),
-        };
+        let interp = cfg.fpn_interp_model;
+        let average = cfg.fuse_type == FuseType::Avg;
         let top_down_levels = cfg
             .fpn_top_down_levels
             .clone()

@@ -23,9 +23,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
-use crate::model::{PreparedFeatures, Sam2Model, IMAGE_MEAN, IMAGE_STD};
+use crate::model::{PreparedFeatures, Sam2Model};
+use crate::preprocess::kernel_err;
 use crate::sam_heads::PointInputs;
-use crate::track::{FrameOutput, FramePrompt, MemoryBank, MemorySelection};
+use crate::track::{FrameOutput, FramePrompt, MemoryBank, MemorySelection, TrackRequest};
 use crate::{Error, Result};
 
 /// Which slices to propagate to from the prompted slice(s).
@@ -286,33 +287,19 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
         &self.policy
     }
 
-    /// Image features of one slice: resize to S×S (antialiased bilinear), normalise,
-    /// backbone.
+    /// Image features of one slice, through the model's [`crate::Preprocess`].
     pub fn slice_features(&self, slice: &Tensor) -> Result<PreparedFeatures> {
-        let s = self.model.config.image_size;
-        let dev = self.model.device();
-        let (c, h, w) = slice
-            .dims3()
-            .map_err(|_| Error::Input(format!("a slice must be [3,H,W], got {:?}", slice.dims())))?;
-        if c != 3 || h == 0 || w == 0 {
-            return Err(Error::Input(format!("a slice must be [3,H,W], got {:?}", slice.dims())));
-        }
-        let x = slice.to_device(dev)?.to_dtype(DType::F32)?.unsqueeze(0)?.contiguous()?;
-        let x = if (h, w) == (s, s) { x } else { resize_aa(&x, s, s)? };
-        let mean = Tensor::new(&IMAGE_MEAN, dev)?.reshape((1, 3, 1, 1))?;
-        let std = Tensor::new(&IMAGE_STD, dev)?.reshape((1, 3, 1, 1))?;
-        let x = x.broadcast_sub(&mean)?.broadcast_div(&std)?;
+        let x = self.model.preprocess().image(slice, self.model.device())?;
         let bo = self.model.forward_image(&x)?;
         self.model.prepare_backbone_features(&bo)
     }
 
-    /// Converts a slice prompt to the model's S×S frame.
+    /// Converts a slice prompt to the model's S×S frame ([`crate::Preprocess`]).
     pub fn frame_prompt(&self, prompt: &SlicePrompt, (h, w): (usize, usize)) -> Result<FramePrompt> {
-        let s = self.model.config.image_size;
+        let pre = self.model.preprocess();
         let dev = self.model.device();
-        let (sx, sy) = (s as f32 / w as f32, s as f32 / h as f32);
         let points = |pts: &[[f32; 2]], labels: &[f32]| -> Result<PointInputs> {
-            let flat: Vec<f32> = pts.iter().flat_map(|p| [p[0] * sx, p[1] * sy]).collect();
+            let flat: Vec<f32> = pts.iter().flat_map(|&p| pre.point(p, (h, w))).collect();
             Ok(PointInputs {
                 coords: Tensor::from_vec(flat, (1, pts.len(), 2), dev)?,
                 labels: Tensor::from_vec(labels.to_vec(), (1, labels.len()), dev)?,
@@ -345,13 +332,7 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
                 if (mh, mw) != (h, w) {
                     return Err(Error::Input(format!("mask prompt is {mh}×{mw} but slices are {h}×{w}")));
                 }
-                let m = m.to_device(dev)?.to_dtype(DType::F32)?.reshape((1, 1, h, w))?;
-                let m = if (h, w) == (s, s) { m } else { resize_aa(&m, s, s)? };
-                let m = m.ge(0.5f32)?.to_dtype(DType::F32)?;
-                FramePrompt {
-                    points: None,
-                    mask: Some(m),
-                }
+                FramePrompt::mask(pre.mask(m, dev)?)
             }
         })
     }
@@ -406,9 +387,9 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
             check_same_size(&mut hw, shape)?;
             let feats = self.slice_features(&slice)?;
             let fp = self.frame_prompt(prompt, shape)?;
-            let out = self
-                .model
-                .track_step_with_selection(true, &feats, &fp, None, n, false)?;
+            // Memory is encoded below, from the hole-filled mask.
+            let req = TrackRequest::initial(*idx, n).without_memory_encoding();
+            let out = self.model.track_step_with_selection(&req, &feats, &fp, None)?;
             let mut frame = out.frame;
             frame.pred_masks = self.fill_holes(&frame.pred_masks)?;
             // Upstream encodes a prompted frame's memory from its (filled) low-res mask.
@@ -466,14 +447,12 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
                 };
                 let out = {
                     let selection = self.policy.select(self.model, &ctx, &bank)?;
-                    self.model.track_step_with_selection(
-                        false,
-                        &feats,
-                        &FramePrompt::default(),
-                        Some(&selection),
-                        n,
-                        true,
-                    )?
+                    let req = TrackRequest {
+                        reverse,
+                        ..TrackRequest::tracked(idx, n)
+                    };
+                    self.model
+                        .track_step_with_selection(&req, &feats, &FramePrompt::default(), Some(&selection))?
                 };
                 let mut frame = out.frame;
                 frame.pred_masks = self.fill_holes(&frame.pred_masks)?;
@@ -611,36 +590,26 @@ fn pooled_tokens(feats: &PreparedFeatures) -> Result<Tensor> {
     Ok(feats.vision_feats[last].mean(0)?.squeeze(0)?)
 }
 
-fn kernel_err(e: sgp_kernels::Error) -> Error {
-    match e {
-        sgp_kernels::Error::Candle(c) => Error::Candle(c),
-        other => Error::Input(other.to_string()),
-    }
-}
-
-fn resize_aa(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-    sgp_kernels::resize::bilinear_antialias(x, h, w).map_err(kernel_err)
-}
-
 fn resize_bilinear(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     sgp_kernels::resize::bilinear(x, h, w, false).map_err(kernel_err)
 }
 
-/// Mask logits `[S/4, S/4]` (or `[B,1,h,w]`) → `[H, W]` at the slice size, bilinear
-/// (align_corners=False), as the video predictor's `_get_orig_video_res_output`.
+/// Mask logits `[S/4, S/4]` (or `[1,1,h,w]`) → `[H, W]` at the slice size, bilinear
+/// (align_corners=False), as the video predictor's `_get_orig_video_res_output`
+/// ([`crate::Preprocess::logits_to_original`]).
 pub fn upscale_logits(logits: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let x = match logits.rank() {
-        2 => logits.unsqueeze(0)?.unsqueeze(0)?,
-        4 => logits.clone(),
-        r => return Err(Error::Input(format!("logits must be [h,w] or [B,1,h,w], got rank {r}"))),
+        2 => logits.clone(),
+        4 => logits.squeeze(0)?.squeeze(0)?,
+        r => return Err(Error::Input(format!("logits must be [h,w] or [1,1,h,w], got rank {r}"))),
     };
-    let (_, _, lh, lw) = x.dims4()?;
-    let y = if (lh, lw) == (h, w) {
-        x
-    } else {
-        resize_bilinear(&x.to_dtype(DType::F32)?, h, w)?
-    };
-    Ok(y.squeeze(0)?.squeeze(0)?)
+    if x.rank() != 2 {
+        return Err(Error::Input(format!(
+            "logits must be [h,w] or [1,1,h,w], got {:?}",
+            logits.dims()
+        )));
+    }
+    crate::preprocess::logits_to_size(&x, (h, w))
 }
 
 /// `fill_holes_in_mask_scores`: background regions (score ≤ 0, 8-connected) of at most

@@ -9,9 +9,12 @@
 //!     Some(&PointInputs { coords, labels }), // [B, P, 2] pixels in the S×S frame, [B, P]; or None
 //!     mask_inputs,                   // Option<&Tensor> [B, 1, H, W] (any H, W; S or S/4 usual)
 //!     Some((&feat_s0, &feat_s1)),    // high-res features after conv_s0 / conv_s1, or None
-//!     multimask_output,
+//!     Multimask::Multi,              // or heads.multimask(official_bool)
 //! )?;
 //! ```
+//! [`SamHeads::forward_with_intermediates`] also returns the decoder's mask tokens and
+//! upscaled embedding ([`DecoderIntermediates`]), the seam SGP's hierarchical decoder
+//! builds on.
 //! `SamHeads::new` reads `sam_prompt_encoder.*`, `sam_mask_decoder.*` (including `conv_s0`/
 //! `conv_s1`, see [`MaskDecoder::project_high_res`]), `obj_ptr_proj.*` and `no_obj_ptr`.
 
@@ -20,7 +23,7 @@ use candle_nn::VarBuilder;
 
 use crate::adapt::AdaptableLinear;
 use crate::config::Sam2Config;
-use crate::mask_decoder::{MaskDecoder, MaskDecoderConfig};
+use crate::mask_decoder::{MaskDecoder, MaskDecoderConfig, Multimask};
 use crate::prompt_encoder::PromptEncoder;
 use crate::transformer::{Activation, Mlp};
 use crate::{Error, Result};
@@ -183,6 +186,18 @@ pub struct SamHeadsOutput {
     pub object_score_logits: Tensor,
 }
 
+/// What the mask decoder computed on the way to [`SamHeadsOutput`] (SGP's stage-1 tokens
+/// and embeddings).
+#[derive(Debug, Clone)]
+pub struct DecoderIntermediates {
+    /// `[B, T, C]`: all T mask tokens (single-mask token first) after the two-way
+    /// transformer, before the hypernetwork MLPs.
+    pub mask_tokens_out: Tensor,
+    /// `[B, C/8, S/4, S/4]`: the image embedding after upscaling (and the high-res skips),
+    /// before the product with the hypernetwork outputs.
+    pub upscaled_embedding: Tensor,
+}
+
 #[derive(Debug, Clone)]
 pub struct SamHeads {
     pub cfg: SamHeadsConfig,
@@ -254,6 +269,12 @@ impl SamHeads {
         }
     }
 
+    /// The official `multimask_output` bool as a [`Multimask`] under this model's
+    /// `dynamic_multimask_via_stability` setting (what `_forward_sam_heads` does).
+    pub fn multimask(&self, multimask_output: bool) -> Multimask {
+        Multimask::from_official(multimask_output, self.cfg.dynamic_multimask_via_stability)
+    }
+
     /// `SAM2Base._forward_sam_heads` (eval mode).
     pub fn forward(
         &self,
@@ -261,8 +282,28 @@ impl SamHeads {
         point_inputs: Option<&PointInputs>,
         mask_inputs: Option<&Tensor>,
         high_res_features: Option<(&Tensor, &Tensor)>,
-        multimask_output: bool,
+        multimask: Multimask,
     ) -> Result<SamHeadsOutput> {
+        Ok(self
+            .forward_with_intermediates(
+                backbone_features,
+                point_inputs,
+                mask_inputs,
+                high_res_features,
+                multimask,
+            )?
+            .0)
+    }
+
+    /// [`Self::forward`], also returning the decoder's intermediates.
+    pub fn forward_with_intermediates(
+        &self,
+        backbone_features: &Tensor,
+        point_inputs: Option<&PointInputs>,
+        mask_inputs: Option<&Tensor>,
+        high_res_features: Option<(&Tensor, &Tensor)>,
+        multimask: Multimask,
+    ) -> Result<(SamHeadsOutput, DecoderIntermediates)> {
         let _span = tracing::debug_span!("sam_heads").entered();
         let (b, c, h, w) = backbone_features.dims4().map_err(|_| {
             Error::Input(format!(
@@ -347,10 +388,13 @@ impl SamHeads {
             self.prompt_encoder.get_dense_pe(),
             &sparse,
             &dense,
-            multimask_output,
-            false,
+            multimask,
             high_res_features,
         )?;
+        let intermediates = DecoderIntermediates {
+            mask_tokens_out: dec.mask_tokens_out,
+            upscaled_embedding: dec.upscaled_embedding,
+        };
         let ious = dec.iou_pred;
         let object_score_logits = dec.object_score_logits;
         let sam_output_tokens = dec.sam_tokens_out;
@@ -369,7 +413,7 @@ impl SamHeads {
         let high_res_multimasks =
             sgp_kernels::resize::bilinear(&low_res_multimasks, s, s, false).map_err(kernel_err)?;
 
-        let (low_res_masks, high_res_masks, sam_output_token) = if multimask_output {
+        let (low_res_masks, high_res_masks, sam_output_token) = if multimask.is_multi() {
             let best: Vec<u32> = ious.argmax(D::Minus1)?.to_vec1()?;
             let multi_tokens = sam_output_tokens.dim(1)? > 1;
             let mut lo = Vec::with_capacity(b);
@@ -417,15 +461,18 @@ impl SamHeads {
             }
         }
 
-        Ok(SamHeadsOutput {
-            low_res_multimasks,
-            high_res_multimasks,
-            ious,
-            low_res_masks,
-            high_res_masks,
-            obj_ptr,
-            object_score_logits,
-        })
+        Ok((
+            SamHeadsOutput {
+                low_res_multimasks,
+                high_res_multimasks,
+                ious,
+                low_res_masks,
+                high_res_masks,
+                obj_ptr,
+                object_score_logits,
+            },
+            intermediates,
+        ))
     }
 
     /// Every adaptable linear layer of the heads with its checkpoint path.

@@ -6,6 +6,11 @@
 //! [`Sam2Model::track_step_with_selection`] runs a frame on any [`MemorySelection`]. The
 //! propagation code uses that seam for pluggable memory-bank policies; [`Sam2Model::track_step`]
 //! is the official function end to end (the `track` parity kind).
+//!
+//! [`Tracker`] owns a [`MemoryBank`] and the whole memory path (selection, memory-conditioned
+//! features, decoding, memory encoding). Conditioning entries that are not video frames,
+//! such as SGP's supports (an image with its mask at entry index k), go in through
+//! [`Tracker::add_support`] with exactly `track_step`'s semantics.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +18,7 @@ use candle_core::{DType, Module, Tensor, D};
 
 use crate::model::{PreparedFeatures, Sam2Model};
 use crate::rope::sine_pe_1d;
-use crate::sam_heads::{PointInputs, SamHeadsOutput};
+use crate::sam_heads::{DecoderIntermediates, PointInputs, SamHeadsOutput};
 use crate::{Error, Result};
 
 /// What is kept of a processed frame: all later frames need (`compact_current_out` of the
@@ -35,9 +40,69 @@ pub struct FrameOutput {
 /// The result of one tracking step.
 #[derive(Debug, Clone)]
 pub struct TrackStepOutput {
+    /// What later frames need (store it in the bank).
     pub frame: FrameOutput,
     /// `[B, 1, S, S]` mask logits (what the memory encoder saw).
     pub pred_masks_high_res: Tensor,
+    /// `[B, C, E, E]` the features the SAM heads decoded: memory-conditioned for a
+    /// tracked frame (`pix_feat_with_mem`), with `no_mem_embed` for an initial one. None
+    /// on the mask-as-output path, which decodes nothing.
+    pub pix_feat_with_mem: Option<Tensor>,
+    /// The frame's projected high-res levels `[B, C/8, S/4, S/4]`, `[B, C/4, S/8, S/8]`
+    /// (None when the model does not use them).
+    pub high_res_features: Option<(Tensor, Tensor)>,
+    /// The mask decoder's intermediates (None on the mask-as-output path).
+    pub intermediates: Option<DecoderIntermediates>,
+}
+
+/// What one tracking step is: which frame, of how many, and what to compute. Replaces
+/// `track_step`'s positional bools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackRequest {
+    /// The frame's index (supports: their entry index).
+    pub frame_idx: usize,
+    /// The clip length (object-pointer temporal encodings are normalised by it).
+    pub num_frames: usize,
+    /// An initial conditioning frame: decoded without memory (`is_init_cond_frame`).
+    pub init_cond: bool,
+    /// Tracking toward lower frame indices (`track_in_reverse`).
+    pub reverse: bool,
+    /// Encode the frame's memory (`run_mem_encoder`).
+    pub encode_memory: bool,
+}
+
+impl TrackRequest {
+    /// A tracked (non-initial) frame, forward in time, with memory encoding.
+    pub fn tracked(frame_idx: usize, num_frames: usize) -> Self {
+        Self {
+            frame_idx,
+            num_frames,
+            init_cond: false,
+            reverse: false,
+            encode_memory: true,
+        }
+    }
+
+    /// An initial conditioning (prompted) frame, with memory encoding.
+    pub fn initial(frame_idx: usize, num_frames: usize) -> Self {
+        Self {
+            init_cond: true,
+            ..Self::tracked(frame_idx, num_frames)
+        }
+    }
+
+    /// The same request, tracking toward lower frame indices.
+    pub fn reversed(self) -> Self {
+        Self { reverse: true, ..self }
+    }
+
+    /// The same request without memory encoding (a query that is never stored).
+    pub fn without_memory_encoding(self) -> Self {
+        Self {
+            encode_memory: false,
+            ..self
+        }
+    }
 }
 
 /// The official `output_dict`: conditioning (prompted) frames and the other processed
@@ -49,6 +114,7 @@ pub struct MemoryBank {
 }
 
 impl MemoryBank {
+    /// An empty bank.
     pub fn new() -> Self {
         Self::default()
     }
@@ -58,6 +124,7 @@ impl MemoryBank {
         self.cond_frame_outputs.len() + self.non_cond_frame_outputs.len()
     }
 
+    /// No frame held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -86,6 +153,15 @@ pub struct FramePrompt {
 }
 
 impl FramePrompt {
+    /// A mask prompt `[B, 1, H, W]`.
+    pub fn mask(mask: Tensor) -> Self {
+        Self {
+            points: None,
+            mask: Some(mask),
+        }
+    }
+
+    /// Neither points nor a mask.
     pub fn is_empty(&self) -> bool {
         self.points.is_none() && self.mask.is_none()
     }
@@ -417,7 +493,13 @@ impl Sam2Model {
                 .ok_or_else(|| Error::Config("use_obj_ptrs_in_encoder without mask_downsample".into()))?;
             let small = ds.forward(&m)?;
             self.sam_heads
-                .forward(backbone_features, None, Some(&small), high_res_features, false)?
+                .forward(
+                    backbone_features,
+                    None,
+                    Some(&small),
+                    high_res_features,
+                    self.sam_heads.multimask(false),
+                )?
                 .obj_ptr
         };
         let appearing = m.flatten_from(1)?.gt(0f32)?.max_keepdim(1)?.to_dtype(DType::F32)?; // [B, 1]
@@ -443,32 +525,20 @@ impl Sam2Model {
 
     /// `SAM2Base.track_step` (eval mode) with SAM2's own memory selection from `bank`.
     /// The caller stores the returned frame in `bank` (as a conditioning frame when it was
-    /// prompted).
-    #[allow(clippy::too_many_arguments)]
+    /// prompted); [`Tracker`] does that bookkeeping.
     pub fn track_step(
         &self,
-        frame_idx: usize,
-        is_init_cond_frame: bool,
+        req: &TrackRequest,
         feats: &PreparedFeatures,
         prompt: &FramePrompt,
         bank: &MemoryBank,
-        num_frames: usize,
-        track_in_reverse: bool,
-        run_mem_encoder: bool,
     ) -> Result<TrackStepOutput> {
-        let selection = if is_init_cond_frame || self.uses_mask_as_output(prompt) {
+        let selection = if req.init_cond || self.uses_mask_as_output(prompt) {
             None
         } else {
-            Some(self.select_memories(frame_idx, bank, num_frames, track_in_reverse)?)
+            Some(self.select_memories(req.frame_idx, bank, req.num_frames, req.reverse)?)
         };
-        self.track_step_with_selection(
-            is_init_cond_frame,
-            feats,
-            prompt,
-            selection.as_ref(),
-            num_frames,
-            run_mem_encoder,
-        )
+        self.track_step_with_selection(req, feats, prompt, selection.as_ref())
     }
 
     /// Whether a prompt takes the mask-as-output path (no memory, no SAM decoding).
@@ -478,16 +548,16 @@ impl Sam2Model {
 
     /// `track_step` on an explicit memory selection (None: no memory, an initial
     /// conditioning frame). See [`Self::select_memories`] for SAM2's own selection.
+    /// `req.frame_idx` and `req.reverse` only matter to the selection, which is given here.
     pub fn track_step_with_selection(
         &self,
-        is_init_cond_frame: bool,
+        req: &TrackRequest,
         feats: &PreparedFeatures,
         prompt: &FramePrompt,
         selection: Option<&MemorySelection>,
-        num_frames: usize,
-        run_mem_encoder: bool,
     ) -> Result<TrackStepOutput> {
-        let _span = tracing::debug_span!("track_step").entered();
+        let _span = tracing::debug_span!("track_step", frame = req.frame_idx).entered();
+        let is_init_cond_frame = req.init_cond;
         let levels = feats.vision_feats.len();
         if levels == 0 || feats.vision_pos_embeds.len() != levels || feats.feat_sizes.len() != levels {
             return Err(Error::Input("prepared features are inconsistent".into()));
@@ -505,38 +575,42 @@ impl Sam2Model {
         };
         let high_res_ref = high_res.as_ref().map(|(a, b)| (a, b));
         let last = levels - 1;
-        let sam = match (&prompt.mask, self.config.use_mask_input_as_output_without_sam) {
-            (Some(mask), true) => {
-                // Features without no_mem_embed: the mask path bypasses the memory entirely.
-                let pix = seq_to_map(&feats.vision_feats[last], feats.feat_sizes[last])?;
-                self.use_mask_as_output(&pix, high_res_ref, mask)?
-            }
-            _ => {
-                if !is_init_cond_frame && selection.is_none() && self.config.num_maskmem > 0 {
-                    return Err(Error::Input("a non-initial frame needs a memory selection".into()));
+        let (sam, pix_feat_with_mem, intermediates) =
+            match (&prompt.mask, self.config.use_mask_input_as_output_without_sam) {
+                (Some(mask), true) => {
+                    // Features without no_mem_embed: the mask path bypasses the memory entirely.
+                    let pix = seq_to_map(&feats.vision_feats[last], feats.feat_sizes[last])?;
+                    (self.use_mask_as_output(&pix, high_res_ref, mask)?, None, None)
                 }
-                let pix = self.memory_conditioned_features(
-                    feats,
-                    if is_init_cond_frame { None } else { selection },
-                    num_frames,
-                )?;
-                let num_pts = prompt
-                    .points
-                    .as_ref()
-                    .map(|p| p.labels.dim(1))
-                    .transpose()?
-                    .unwrap_or(0);
-                let multimask = self.sam_heads.cfg.use_multimask(is_init_cond_frame, num_pts);
-                self.sam_heads.forward(
-                    &pix,
-                    prompt.points.as_ref(),
-                    prompt.mask.as_ref(),
-                    high_res_ref,
-                    multimask,
-                )?
-            }
-        };
-        let (maskmem_features, maskmem_pos_enc) = if run_mem_encoder && self.config.num_maskmem > 0 {
+                _ => {
+                    if !is_init_cond_frame && selection.is_none() && self.config.num_maskmem > 0 {
+                        return Err(Error::Input("a non-initial frame needs a memory selection".into()));
+                    }
+                    let pix = self.memory_conditioned_features(
+                        feats,
+                        if is_init_cond_frame { None } else { selection },
+                        req.num_frames,
+                    )?;
+                    let num_pts = prompt
+                        .points
+                        .as_ref()
+                        .map(|p| p.labels.dim(1))
+                        .transpose()?
+                        .unwrap_or(0);
+                    let multimask = self
+                        .sam_heads
+                        .multimask(self.sam_heads.cfg.use_multimask(is_init_cond_frame, num_pts));
+                    let (out, inter) = self.sam_heads.forward_with_intermediates(
+                        &pix,
+                        prompt.points.as_ref(),
+                        prompt.mask.as_ref(),
+                        high_res_ref,
+                        multimask,
+                    )?;
+                    (out, Some(pix), Some(inter))
+                }
+            };
+        let (maskmem_features, maskmem_pos_enc) = if req.encode_memory && self.config.num_maskmem > 0 {
             let pix = seq_to_map(&feats.vision_feats[last], feats.feat_sizes[last])?;
             let (f, p) = self.encode_new_memory(
                 &pix,
@@ -557,7 +631,170 @@ impl Sam2Model {
                 object_score_logits: sam.object_score_logits,
             },
             pred_masks_high_res: sam.high_res_masks,
+            pix_feat_with_mem,
+            high_res_features: high_res,
+            intermediates,
         })
+    }
+}
+
+/// The memory path of one object over one clip: a [`MemoryBank`] and the model that
+/// fills and reads it.
+///
+/// Entries are indexed like video frames (their index sets the temporal distance SAM2's
+/// selection and pointer encodings use), but they need not be frames: a support, an
+/// image with its mask, is a conditioning entry at index k ([`Self::add_support`]), which
+/// is what the SGP parity kinds pin down. Adding an entry at an index that is already
+/// held replaces it, as re-prompting a frame does upstream.
+///
+/// ```no_run
+/// # fn demo(model: &sgp_sam2::Sam2Model, support: &sgp_sam2::PreparedFeatures,
+/// #         mask: &candle_core::Tensor, query: &sgp_sam2::PreparedFeatures) -> sgp_sam2::Result<()> {
+/// use sgp_sam2::Tracker;
+/// // One support at entry 0, the query is entry 1 of a 2-entry clip.
+/// let mut tracker = Tracker::new(model, 2);
+/// tracker.add_support(0, support, mask)?;
+/// let out = tracker.query(1, query)?;          // support_pseudo_mask semantics
+/// let pseudo_mask = &out.pred_masks_high_res;  // [1, 1, S, S] logits
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Tracker<'m> {
+    model: &'m Sam2Model,
+    bank: MemoryBank,
+    num_frames: usize,
+    reverse: bool,
+}
+
+impl<'m> Tracker<'m> {
+    /// An empty memory for a clip of `num_frames` entries (supports and frames together).
+    pub fn new(model: &'m Sam2Model, num_frames: usize) -> Self {
+        Self::with_bank(model, num_frames, MemoryBank::new())
+    }
+
+    /// Continues from an existing bank (e.g. cached support memories).
+    pub fn with_bank(model: &'m Sam2Model, num_frames: usize, bank: MemoryBank) -> Self {
+        Self {
+            model,
+            bank,
+            num_frames,
+            reverse: false,
+        }
+    }
+
+    /// Tracks toward lower indices from now on (`track_in_reverse`).
+    pub fn set_reverse(&mut self, reverse: bool) {
+        self.reverse = reverse;
+    }
+
+    /// The model.
+    pub fn model(&self) -> &'m Sam2Model {
+        self.model
+    }
+
+    /// The clip length.
+    pub fn num_frames(&self) -> usize {
+        self.num_frames
+    }
+
+    /// The memories held.
+    pub fn bank(&self) -> &MemoryBank {
+        &self.bank
+    }
+
+    /// The memories, for policies that evict or insert entries themselves.
+    pub fn bank_mut(&mut self) -> &mut MemoryBank {
+        &mut self.bank
+    }
+
+    /// Gives the bank back.
+    pub fn into_bank(self) -> MemoryBank {
+        self.bank
+    }
+
+    fn check_index(&self, idx: usize) -> Result<()> {
+        if idx >= self.num_frames {
+            return Err(Error::Input(format!(
+                "entry index {idx} out of range (the clip has {} entries)",
+                self.num_frames
+            )));
+        }
+        Ok(())
+    }
+
+    fn request(&self, idx: usize, init_cond: bool, encode_memory: bool) -> TrackRequest {
+        TrackRequest {
+            frame_idx: idx,
+            num_frames: self.num_frames,
+            init_cond,
+            reverse: self.reverse,
+            encode_memory,
+        }
+    }
+
+    /// A support: the conditioning entry at `idx` prompted with its mask `[B, 1, S, S]`
+    /// (0/1), i.e. `track_step(frame_idx=idx, is_init_cond_frame=True, mask_inputs=mask,
+    /// run_mem_encoder=True)`, stored as a conditioning entry.
+    pub fn add_support(&mut self, idx: usize, feats: &PreparedFeatures, mask: &Tensor) -> Result<TrackStepOutput> {
+        self.add_conditioning(idx, feats, &FramePrompt::mask(mask.clone()))
+    }
+
+    /// A prompted initial conditioning frame at `idx` (points and/or a mask), decoded
+    /// without memory, its memory encoded and stored as a conditioning entry.
+    pub fn add_conditioning(
+        &mut self,
+        idx: usize,
+        feats: &PreparedFeatures,
+        prompt: &FramePrompt,
+    ) -> Result<TrackStepOutput> {
+        self.check_index(idx)?;
+        if prompt.is_empty() {
+            return Err(Error::Input(format!("conditioning entry {idx} has no prompt")));
+        }
+        let out = self
+            .model
+            .track_step(&self.request(idx, true, true), feats, prompt, &self.bank)?;
+        self.bank.cond_frame_outputs.insert(idx, out.frame.clone());
+        Ok(out)
+    }
+
+    /// Stores an already computed conditioning entry (e.g. a cached support memory).
+    pub fn insert_conditioning(&mut self, idx: usize, frame: FrameOutput) -> Result<()> {
+        self.check_index(idx)?;
+        self.bank.cond_frame_outputs.insert(idx, frame);
+        Ok(())
+    }
+
+    /// A tracked entry at `idx`: no prompt, SAM2's memory selection, memory encoded and
+    /// stored as a non-conditioning entry (a propagated frame or slice).
+    pub fn track(&mut self, idx: usize, feats: &PreparedFeatures) -> Result<TrackStepOutput> {
+        self.check_index(idx)?;
+        let out = self.model.track_step(
+            &self.request(idx, false, true),
+            feats,
+            &FramePrompt::default(),
+            &self.bank,
+        )?;
+        self.bank.non_cond_frame_outputs.insert(idx, out.frame.clone());
+        Ok(out)
+    }
+
+    /// A query at `idx`: no prompt, SAM2's memory selection, no memory encoding, nothing
+    /// stored (the `support_pseudo_mask` step; `pix_feat_with_mem` is set).
+    pub fn query(&self, idx: usize, feats: &PreparedFeatures) -> Result<TrackStepOutput> {
+        self.check_index(idx)?;
+        self.model.track_step(
+            &self.request(idx, false, false),
+            feats,
+            &FramePrompt::default(),
+            &self.bank,
+        )
+    }
+
+    /// SAM2's memory selection for entry `idx` from the bank.
+    pub fn selection(&self, idx: usize) -> Result<MemorySelection<'_>> {
+        self.model
+            .select_memories(idx, &self.bank, self.num_frames, self.reverse)
     }
 }
 
@@ -575,125 +812,8 @@ pub fn apply_non_overlapping_constraints(pred_masks: &Tensor) -> Result<Tensor> 
     Ok(keep.where_cond(pred_masks, &clamped)?)
 }
 
-/// Stacks per-frame outputs for the `track` parity kind.
-pub fn stack_frames(frames: &[TrackStepOutput]) -> Result<BTreeMap<String, Tensor>> {
-    let mut out = BTreeMap::new();
-    let cat = |f: &dyn Fn(&TrackStepOutput) -> Option<Tensor>| -> Result<Tensor> {
-        let v: Vec<Tensor> = frames
-            .iter()
-            .map(f)
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::Input("missing per-frame output".into()))?;
-        Ok(Tensor::cat(&v, 0)?)
-    };
-    out.insert("pred_masks".into(), cat(&|f| Some(f.frame.pred_masks.clone()))?);
-    out.insert("obj_ptr".into(), cat(&|f| Some(f.frame.obj_ptr.clone()))?);
-    out.insert(
-        "object_score_logits".into(),
-        cat(&|f| Some(f.frame.object_score_logits.clone()))?,
-    );
-    out.insert("maskmem_features".into(), cat(&|f| f.frame.maskmem_features.clone())?);
-    Ok(out)
-}
-
 /// Mean-pooled image embedding `[B, C]` of `[B, C, H, W]` features: what similarity-based
 /// memory policies compare.
 pub fn pooled_embedding(pix_feat: &Tensor) -> Result<Tensor> {
     Ok(pix_feat.flatten_from(2)?.mean(D::Minus1)?)
-}
-
-/// Parity kinds of the memory path (`shared/specs/sam2-parity-fixtures.md`). Each takes
-/// the case's `in.*` tensors (without the prefix) and `case.json`, and returns every
-/// output its kind defines (names without the `out.` prefix).
-pub mod parity_kinds {
-    use std::collections::{BTreeMap, HashMap};
-
-    use candle_core::{DType, Tensor};
-
-    use super::{stack_frames, FramePrompt, MemoryBank};
-    use crate::model::Sam2Model;
-    use crate::sam_heads::PointInputs;
-    use crate::{Error, Result};
-
-    fn input<'a>(inputs: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
-        inputs
-            .get(name)
-            .ok_or_else(|| Error::Parity(format!("missing input in.{name}")))
-    }
-
-    /// `memory_encoder`: `_encode_new_memory` on `pix_feat`, `pred_masks_high_res`,
-    /// `object_score_logits`.
-    pub fn memory_encoder(
-        model: &Sam2Model,
-        inputs: &HashMap<String, Tensor>,
-        case: &serde_json::Value,
-    ) -> Result<BTreeMap<String, Tensor>> {
-        let is_mask_from_pts = case.get("is_mask_from_pts").and_then(|v| v.as_bool()).unwrap_or(false);
-        let (f, p) = model.encode_new_memory(
-            input(inputs, "pix_feat")?,
-            input(inputs, "pred_masks_high_res")?,
-            input(inputs, "object_score_logits")?,
-            is_mask_from_pts,
-        )?;
-        Ok(BTreeMap::from([
-            ("maskmem_features".to_string(), f),
-            ("maskmem_pos_enc".to_string(), p),
-        ]))
-    }
-
-    /// `memory_attention`: the model's memory attention on `curr`, `curr_pos`, `memory`,
-    /// `memory_pos` with `num_obj_ptr_tokens` from case.json.
-    pub fn memory_attention(
-        model: &Sam2Model,
-        inputs: &HashMap<String, Tensor>,
-        case: &serde_json::Value,
-    ) -> Result<BTreeMap<String, Tensor>> {
-        let n = case.get("num_obj_ptr_tokens").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-        let out = model.memory_attention.forward(
-            input(inputs, "curr")?,
-            input(inputs, "curr_pos")?,
-            input(inputs, "memory")?,
-            input(inputs, "memory_pos")?,
-            n,
-        )?;
-        Ok(BTreeMap::from([("pix_feat_with_mem".to_string(), out)]))
-    }
-
-    /// `track`: `track_step` over `frames` with a prompt on frame 0.
-    pub fn track(
-        model: &Sam2Model,
-        inputs: &HashMap<String, Tensor>,
-        _case: &serde_json::Value,
-    ) -> Result<BTreeMap<String, Tensor>> {
-        let frames = input(inputs, "frames")?;
-        let t = frames.dim(0)?;
-        let points = match (inputs.get("point_coords"), inputs.get("point_labels")) {
-            (Some(c), Some(l)) => Some(PointInputs {
-                coords: c.clone(),
-                labels: l.to_dtype(DType::F32)?,
-            }),
-            (None, None) => None,
-            _ => return Err(Error::Parity("point_coords and point_labels come together".into())),
-        };
-        let prompt0 = FramePrompt {
-            points,
-            mask: inputs.get("mask_inputs").cloned(),
-        };
-        let none = FramePrompt::default();
-        let mut bank = MemoryBank::new();
-        let mut outs = Vec::with_capacity(t);
-        for i in 0..t {
-            let bo = model.forward_image(&frames.narrow(0, i, 1)?)?;
-            let feats = model.prepare_backbone_features(&bo)?;
-            let prompt = if i == 0 { &prompt0 } else { &none };
-            let out = model.track_step(i, i == 0, &feats, prompt, &bank, t, false, true)?;
-            if i == 0 {
-                bank.cond_frame_outputs.insert(i, out.frame.clone());
-            } else {
-                bank.non_cond_frame_outputs.insert(i, out.frame.clone());
-            }
-            outs.push(out);
-        }
-        stack_frames(&outs)
-    }
 }

@@ -126,74 +126,172 @@ fn insert_unique(map: &mut HashMap<String, Tensor>, key: String, t: Tensor) -> R
     Ok(())
 }
 
-/// Maps one transformers key (other than the special cases) to its official name.
+/// One step of the key mapping. [`RULES`] applies them in order to every key that is not
+/// a special case of [`convert_state_dict`]; a scoped rule acts only on keys that start
+/// with its scope at that point (after the renames above it).
+#[derive(Debug, Clone, Copy)]
+pub enum Rule {
+    /// Whole keys renamed; a key renamed here is final.
+    Exact(&'static [(&'static str, &'static str)]),
+    /// Key prefixes (ending at a module boundary) renamed; the first match applies.
+    Prefix(&'static [(&'static str, &'static str)]),
+    /// Under `scope`, every occurrence of `from` becomes `to`.
+    Replace {
+        /// Keys this rule applies to.
+        scope: &'static str,
+        /// Text replaced.
+        from: &'static str,
+        /// Its replacement.
+        to: &'static str,
+    },
+    /// Under `scope`, the segment right after it is renamed by `table`, and `scope`
+    /// becomes `into` (`nn.Sequential` indices of the official modules).
+    FirstSegment {
+        /// Keys this rule applies to.
+        scope: &'static str,
+        /// What replaces the scope.
+        into: &'static str,
+        /// Segment renames.
+        table: &'static [(&'static str, &'static str)],
+    },
+    /// Under `scope`, `segment` is inserted after the index that follows the scope
+    /// (`convs.i.weight` → `convs.i.conv.weight`).
+    InsertAfterIndex {
+        /// Keys this rule applies to.
+        scope: &'static str,
+        /// The inserted segment.
+        segment: &'static str,
+    },
+    /// Module-name segments renamed wherever they appear as a whole segment.
+    Segments(&'static [(&'static str, &'static str)]),
+    /// Under `scope`, the mask downsampler's numbered conv/norm pairs become the indices of
+    /// the official `nn.Sequential` (`3i`, `3i+1`, final conv `3n`); needs the layer count.
+    Downsampler {
+        /// Keys this rule applies to.
+        scope: &'static str,
+    },
+    /// MLP linears renumbered: `proj_in` → `layers.0`, `layers.i` → `layers.{i+1}`,
+    /// `proj_out` → `layers.{depth-1}`; needs each MLP's depth.
+    Mlp,
+}
+
+/// The transformers → official key mapping, as data. The existing tests prove it maps the
+/// transformers key set of a whole model one-to-one onto the official key set.
+pub const RULES: &[Rule] = &[
+    Rule::Exact(PARAM_RENAMES),
+    Rule::Prefix(PREFIX_RENAMES),
+    Rule::Replace {
+        scope: "image_encoder.trunk.",
+        from: "patch_embed.projection.",
+        to: "patch_embed.proj.",
+    },
+    Rule::Replace {
+        scope: "image_encoder.trunk.",
+        from: ".layer_norm1.",
+        to: ".norm1.",
+    },
+    Rule::Replace {
+        scope: "image_encoder.trunk.",
+        from: ".layer_norm2.",
+        to: ".norm2.",
+    },
+    Rule::InsertAfterIndex {
+        scope: "image_encoder.neck.convs.",
+        segment: "conv",
+    },
+    Rule::FirstSegment {
+        scope: "sam_prompt_encoder.mask_embed.",
+        into: "sam_prompt_encoder.mask_downscaling.",
+        table: &[
+            ("conv1", "0"),
+            ("layer_norm1", "1"),
+            ("conv2", "3"),
+            ("layer_norm2", "4"),
+            ("conv3", "6"),
+        ],
+    },
+    Rule::FirstSegment {
+        scope: "sam_mask_decoder.",
+        into: "sam_mask_decoder.",
+        table: &[
+            ("upscale_conv1", "output_upscaling.0"),
+            ("upscale_layer_norm", "output_upscaling.1"),
+            ("upscale_conv2", "output_upscaling.3"),
+        ],
+    },
+    Rule::Downsampler {
+        scope: "memory_encoder.mask_downsampler.",
+    },
+    Rule::Prefix(&[
+        ("memory_encoder.projection.", "memory_encoder.out_proj."),
+        ("memory_attention.layer_norm.", "memory_attention.norm."),
+    ]),
+    // CXBlock layer scale and norm.
+    Rule::Replace {
+        scope: "memory_encoder.",
+        from: ".scale",
+        to: ".gamma",
+    },
+    Rule::Replace {
+        scope: "memory_encoder.",
+        from: ".layer_norm.",
+        to: ".norm.",
+    },
+    Rule::Segments(SEGMENT_RENAMES),
+    Rule::Mlp,
+];
+
+/// Maps one transformers key (other than the special cases) to its official name by
+/// applying [`RULES`]. `mlp_depths` and `downsampler_layers` are statistics of the whole
+/// key set that the renumbering rules need.
 pub fn map_key(key: &str, mlp_depths: &BTreeMap<String, usize>, downsampler_layers: usize) -> Result<String> {
-    for (from, to) in PARAM_RENAMES {
-        if key == *from {
-            return Ok((*to).to_string());
-        }
-    }
+    map_key_with(RULES, key, mlp_depths, downsampler_layers)
+}
+
+fn map_key_with(
+    rules: &[Rule],
+    key: &str,
+    mlp_depths: &BTreeMap<String, usize>,
+    downsampler_layers: usize,
+) -> Result<String> {
     let mut k = key.to_string();
-    for (from, to) in PREFIX_RENAMES {
-        if let Some(rest) = k.strip_prefix(from) {
-            k = format!("{to}{rest}");
-            break;
+    for rule in rules {
+        match *rule {
+            Rule::Exact(table) => {
+                if let Some((_, to)) = table.iter().find(|(from, _)| *from == k) {
+                    return Ok((*to).to_string());
+                }
+            }
+            Rule::Prefix(table) => {
+                if let Some((from, to)) = table.iter().find(|(from, _)| k.starts_with(from)) {
+                    k = format!("{to}{}", &k[from.len()..]);
+                }
+            }
+            Rule::Replace { scope, from, to } => {
+                if k.starts_with(scope) {
+                    k = k.replace(from, to);
+                }
+            }
+            Rule::FirstSegment { scope, into, table } => {
+                if let Some(rest) = k.strip_prefix(scope) {
+                    k = format!("{into}{}", replace_first_segment(rest, table));
+                }
+            }
+            Rule::InsertAfterIndex { scope, segment } => {
+                if let Some(rest) = k.strip_prefix(scope) {
+                    let (idx, tail) = rest.split_once('.').unwrap_or((rest, ""));
+                    k = format!("{scope}{idx}.{segment}.{tail}");
+                }
+            }
+            Rule::Segments(table) => k = rename_segments(&k, table),
+            Rule::Downsampler { scope } => {
+                if let Some(rest) = k.strip_prefix(scope) {
+                    k = format!("{scope}{}", map_downsampler(rest, downsampler_layers, key)?);
+                }
+            }
+            Rule::Mlp => k = map_mlp(&k, mlp_depths),
         }
     }
-
-    // Per-module renames that depend on position.
-    if let Some(rest) = k.strip_prefix("image_encoder.trunk.") {
-        k = format!(
-            "image_encoder.trunk.{}",
-            rest.replace("patch_embed.projection.", "patch_embed.proj.")
-                .replace(".layer_norm1.", ".norm1.")
-                .replace(".layer_norm2.", ".norm2.")
-        );
-    } else if let Some(rest) = k.strip_prefix("image_encoder.neck.convs.") {
-        // `convs.i.weight` -> `convs.i.conv.weight`
-        let mut parts = rest.splitn(2, '.');
-        let idx = parts.next().unwrap_or_default();
-        let tail = parts.next().unwrap_or_default();
-        k = format!("image_encoder.neck.convs.{idx}.conv.{tail}");
-    } else if let Some(rest) = k.strip_prefix("sam_prompt_encoder.mask_embed.") {
-        let rest = replace_first_segment(
-            rest,
-            &[
-                ("conv1", "0"),
-                ("layer_norm1", "1"),
-                ("conv2", "3"),
-                ("layer_norm2", "4"),
-                ("conv3", "6"),
-            ],
-        );
-        k = format!("sam_prompt_encoder.mask_downscaling.{rest}");
-    } else if let Some(rest) = k.strip_prefix("sam_mask_decoder.") {
-        let rest = replace_first_segment(
-            rest,
-            &[
-                ("upscale_conv1", "output_upscaling.0"),
-                ("upscale_layer_norm", "output_upscaling.1"),
-                ("upscale_conv2", "output_upscaling.3"),
-            ],
-        );
-        k = format!("sam_mask_decoder.{rest}");
-    } else if let Some(rest) = k.strip_prefix("memory_encoder.mask_downsampler.") {
-        k = format!(
-            "memory_encoder.mask_downsampler.{}",
-            map_downsampler(rest, downsampler_layers, key)?
-        );
-    } else if let Some(rest) = k.strip_prefix("memory_encoder.projection.") {
-        k = format!("memory_encoder.out_proj.{rest}");
-    } else if k == "memory_attention.layer_norm.weight" || k == "memory_attention.layer_norm.bias" {
-        k = k.replace("memory_attention.layer_norm.", "memory_attention.norm.");
-    }
-    if k.starts_with("memory_encoder.") {
-        // CXBlock layer scale and norm.
-        k = k.replace(".scale", ".gamma").replace(".layer_norm.", ".norm.");
-    }
-
-    k = rename_segments(&k);
-    k = map_mlp(&k, mlp_depths);
     Ok(k)
 }
 
@@ -211,10 +309,10 @@ fn replace_first_segment(rest: &str, table: &[(&str, &str)]) -> String {
     rest.to_string()
 }
 
-fn rename_segments(key: &str) -> String {
+fn rename_segments(key: &str, table: &[(&str, &str)]) -> String {
     key.split('.')
         .map(|seg| {
-            SEGMENT_RENAMES
+            table
                 .iter()
                 .find(|(from, _)| *from == seg)
                 .map(|(_, to)| *to)
@@ -307,7 +405,7 @@ fn map_mlp(key: &str, depths: &BTreeMap<String, usize>) -> String {
 
 fn depth_for(official_prefix: &str, depths: &BTreeMap<String, usize>) -> Option<usize> {
     depths.iter().find_map(|(hf_prefix, d)| {
-        let mapped = rename_segments(&apply_prefix_renames(hf_prefix));
+        let mapped = rename_segments(&apply_prefix_renames(hf_prefix), SEGMENT_RENAMES);
         (mapped == official_prefix).then_some(*d)
     })
 }
@@ -705,6 +803,27 @@ mod tests {
         assert!(mapped.contains_key("sam_mask_decoder.pred_obj_score_head.layers.2.weight"));
         assert!(mapped.contains_key("sam_prompt_encoder.point_embeddings.3.weight"));
         assert!(mapped.contains_key("no_mem_embed"));
+    }
+
+    /// Every rule of the table is needed: without any one of them, some key of the full
+    /// video model maps elsewhere.
+    #[test]
+    fn every_rule_is_used() {
+        let keys: Vec<String> = read_keys("sam2.1_hiera_t.transformers_video_keys.txt")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let depths = mlp_depths(&keys);
+        let n = downsampler_layer_count(&keys);
+        let map_all = |rules: &[Rule]| -> Vec<Option<String>> {
+            keys.iter().map(|k| map_key_with(rules, k, &depths, n).ok()).collect()
+        };
+        let full = map_all(RULES);
+        for i in 0..RULES.len() {
+            let mut without = RULES.to_vec();
+            without.remove(i);
+            assert_ne!(map_all(&without), full, "rule {i} ({:?}) changes no key", RULES[i]);
+        }
     }
 
     #[test]

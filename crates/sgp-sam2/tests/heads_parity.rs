@@ -85,7 +85,7 @@ fn run_config(name: &str) {
                 points.as_ref(),
                 io.get("in.mask_inputs"),
                 hi,
-                multimask,
+                heads.multimask(multimask),
             )
             .unwrap();
         let ours = [

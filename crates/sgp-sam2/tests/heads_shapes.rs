@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use sgp_sam2::mask_decoder::{MaskDecoder, MaskDecoderConfig};
+use sgp_kernels::testing::max_abs_diff;
+use sgp_sam2::mask_decoder::{MaskDecoder, MaskDecoderConfig, Multimask};
 use sgp_sam2::sam_heads::{PointInputs, SamHeads, SamHeadsConfig};
 
 /// Sets every variable to N(0, 0.1²), seeded by its name (the map's order is not stable).
@@ -75,19 +76,6 @@ fn inputs(b: usize) -> (Tensor, Tensor, Tensor) {
     )
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[test]
 fn output_shapes_follow_multimask_flag() {
     let heads = random_weights(|vb| SamHeads::new(&sam21_like(), vb).unwrap());
@@ -97,7 +85,7 @@ fn output_shapes_follow_multimask_flag() {
         coords: Tensor::rand(0f32, S as f32, (b, 2, 2), &Device::Cpu).unwrap(),
         labels: Tensor::new(&[[1f32, 0.], [1., 1.], [2., 3.]], &Device::Cpu).unwrap(),
     };
-    for (multimask, m) in [(true, 3), (false, 1)] {
+    for (multimask, m) in [(Multimask::Multi, 3), (Multimask::Single, 1)] {
         let out = heads
             .forward(&feat, Some(&pts), None, Some((&s0, &s1)), multimask)
             .unwrap();
@@ -113,7 +101,7 @@ fn output_shapes_follow_multimask_flag() {
         for (i, k) in best.into_iter().enumerate() {
             let chosen = out.low_res_multimasks.get(i).unwrap().get(k as usize).unwrap();
             assert_eq!(
-                max_abs_diff(&chosen, &out.low_res_masks.get(i).unwrap().get(0).unwrap()),
+                max_abs_diff(&chosen, &out.low_res_masks.get(i).unwrap().get(0).unwrap()).unwrap(),
                 0.0
             );
         }
@@ -131,7 +119,7 @@ fn prompt_encoder_pads_with_one_not_a_point() {
     assert_eq!(sparse.dims(), [1, 3, C], "two points + one padding point");
     assert_eq!(dense.dims(), [1, C, E, E]);
     let pad = sparse.get(0).unwrap().get(2).unwrap();
-    assert_eq!(max_abs_diff(&pad, &pe.not_a_point_embed.get(0).unwrap()), 0.0);
+    assert_eq!(max_abs_diff(&pad, &pe.not_a_point_embed.get(0).unwrap()).unwrap(), 0.0);
     // With a box tensor, points are not padded.
     let boxes = Tensor::new(&[[1f32, 2., 40., 50.]], &dev).unwrap();
     let (sparse, _) = pe.forward(Some((&coords, &labels)), Some(&boxes), None).unwrap();
@@ -143,26 +131,28 @@ fn padding_points_ignore_their_coordinates_and_no_prompt_is_one_padding_point() 
     let heads = random_weights(|vb| SamHeads::new(&sam21_like(), vb).unwrap());
     let dev = Device::Cpu;
     let (feat, s0, s1) = inputs(2);
-    let none = heads.forward(&feat, None, None, Some((&s0, &s1)), false).unwrap();
+    let none = heads
+        .forward(&feat, None, None, Some((&s0, &s1)), Multimask::Single)
+        .unwrap();
     let explicit = PointInputs {
         coords: Tensor::new(&[[[13f32, 57.]], [[0., 0.]]], &dev).unwrap(),
         labels: Tensor::new(&[[-1f32], [-1.]], &dev).unwrap(),
     };
     let padded = heads
-        .forward(&feat, Some(&explicit), None, Some((&s0, &s1)), false)
+        .forward(&feat, Some(&explicit), None, Some((&s0, &s1)), Multimask::Single)
         .unwrap();
-    assert_eq!(max_abs_diff(&none.low_res_masks, &padded.low_res_masks), 0.0);
-    assert_eq!(max_abs_diff(&none.obj_ptr, &padded.obj_ptr), 0.0);
-    assert_eq!(max_abs_diff(&none.ious, &padded.ious), 0.0);
+    assert_eq!(max_abs_diff(&none.low_res_masks, &padded.low_res_masks).unwrap(), 0.0);
+    assert_eq!(max_abs_diff(&none.obj_ptr, &padded.obj_ptr).unwrap(), 0.0);
+    assert_eq!(max_abs_diff(&none.ious, &padded.ious).unwrap(), 0.0);
     // A real point changes the result (IoUs are never masked by the object score).
     let real = PointInputs {
         coords: explicit.coords.clone(),
         labels: Tensor::new(&[[1f32], [1.]], &dev).unwrap(),
     };
     let with_point = heads
-        .forward(&feat, Some(&real), None, Some((&s0, &s1)), false)
+        .forward(&feat, Some(&real), None, Some((&s0, &s1)), Multimask::Single)
         .unwrap();
-    assert!(max_abs_diff(&none.ious, &with_point.ious) > 0.0);
+    assert!(max_abs_diff(&none.ious, &with_point.ious).unwrap() > 0.0);
 }
 
 #[test]
@@ -171,7 +161,9 @@ fn mask_prompt_is_resized_to_quarter_size() {
     let (feat, s0, s1) = inputs(1);
     for side in [S, S / 4, 40] {
         let m = seeded_randn(5, 1.0, (1, 1, side, side));
-        let out = heads.forward(&feat, None, Some(&m), Some((&s0, &s1)), true).unwrap();
+        let out = heads
+            .forward(&feat, None, Some(&m), Some((&s0, &s1)), Multimask::Multi)
+            .unwrap();
         assert_eq!(out.low_res_multimasks.dims(), [1, 3, S / 4, S / 4]);
     }
 }
@@ -216,11 +208,11 @@ fn dynamic_multimask_falls_back_only_when_unstable() {
     let (m, i) = dec.dynamic_multimask_via_stability(&masks, &ious).unwrap();
     assert_eq!(i.to_vec2::<f32>().unwrap(), vec![vec![0.1], vec![0.9]]);
     assert_eq!(
-        max_abs_diff(&m.get(0).unwrap(), &masks.get(0).unwrap().narrow(0, 0, 1).unwrap()),
+        max_abs_diff(&m.get(0).unwrap(), &masks.get(0).unwrap().narrow(0, 0, 1).unwrap()).unwrap(),
         0.0
     );
     assert_eq!(
-        max_abs_diff(&m.get(1).unwrap(), &masks.get(1).unwrap().narrow(0, 3, 1).unwrap()),
+        max_abs_diff(&m.get(1).unwrap(), &masks.get(1).unwrap().narrow(0, 3, 1).unwrap()).unwrap(),
         0.0
     );
 }
@@ -231,9 +223,11 @@ fn bad_inputs_are_errors_not_panics() {
     let dev = Device::Cpu;
     let (feat, s0, s1) = inputs(1);
     let wrong_feat = Tensor::zeros((1, C, E + 1, E), DType::F32, &dev).unwrap();
-    assert!(heads.forward(&wrong_feat, None, None, Some((&s0, &s1)), false).is_err());
+    assert!(heads
+        .forward(&wrong_feat, None, None, Some((&s0, &s1)), Multimask::Single)
+        .is_err());
     assert!(
-        heads.forward(&feat, None, None, None, false).is_err(),
+        heads.forward(&feat, None, None, None, Multimask::Single).is_err(),
         "high-res features required"
     );
     let bad_pts = PointInputs {
@@ -241,11 +235,11 @@ fn bad_inputs_are_errors_not_panics() {
         labels: Tensor::zeros((1, 2), DType::F32, &dev).unwrap(),
     };
     assert!(heads
-        .forward(&feat, Some(&bad_pts), None, Some((&s0, &s1)), false)
+        .forward(&feat, Some(&bad_pts), None, Some((&s0, &s1)), Multimask::Single)
         .is_err());
     let bad_mask = Tensor::zeros((1, 2, S, S), DType::F32, &dev).unwrap();
     assert!(heads
-        .forward(&feat, None, Some(&bad_mask), Some((&s0, &s1)), false)
+        .forward(&feat, None, Some(&bad_mask), Some((&s0, &s1)), Multimask::Single)
         .is_err());
 }
 
@@ -270,7 +264,7 @@ fn gradients_reach_decoder_parameters_and_match_finite_differences() {
     };
     let target = seeded_randn(8, 1.0, (1, 1, S / 4, S / 4));
     let loss = || {
-        let o = heads.forward(&feat, Some(&pts), None, None, false).unwrap();
+        let o = heads.forward(&feat, Some(&pts), None, None, Multimask::Single).unwrap();
         let m = (o.low_res_masks * &target).unwrap().mean_all().unwrap();
         (m + o.ious.sum_all().unwrap()).unwrap()
     };
@@ -333,5 +327,5 @@ fn conv_transpose_2x2_matches_candle_reference() {
         .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
         .unwrap();
     assert_eq!(ours.dims(), [2, 4, 6, 10]);
-    assert!(max_abs_diff(&ours, &reference) < 1e-5);
+    assert!(max_abs_diff(&ours, &reference).unwrap() < 1e-5);
 }

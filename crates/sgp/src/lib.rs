@@ -9,12 +9,27 @@
 //! # Ok::<(), sgp::Error>(())
 //! ```
 
+pub mod augment;
+pub mod checkpoint;
+pub mod device;
 pub mod error;
+pub mod evaluate;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod loss;
+pub mod model;
+pub mod model_params;
+pub mod optim;
+pub mod pipeline;
+pub mod predictor;
+pub mod predictor_files;
 pub mod pretrained;
+pub mod train;
+pub mod train_error;
 
+pub use device::{select_device, DeviceSpec};
 pub use error::{Error, Result};
+pub use train_error::TrainError;
 pub use pretrained::{load_pretrained, LoadOptions, Pretrained, WeightsFormat, WeightsSpec};
 
 pub use sgp_data as data;

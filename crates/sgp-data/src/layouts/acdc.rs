@@ -8,6 +8,10 @@
 //!   testing/patient101/...
 //! ```
 //! One case per patient and phase (`patient001_ED`, `patient001_ES`); labels 1 RV, 2 MYO, 3 LV.
+//!
+//! A missing ground truth or an empty patient folder is an error. The 2017 release shipped
+//! `testing/` without ground truth: there, `ScanOptions::allow_unlabelled`
+//! (`data verify --allow-unlabelled`) keeps such cases as unlabelled ones.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -72,6 +76,8 @@ pub fn parse_info(path: &Path) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
+/// Scans ACDC at `root` (see the module docs for the accepted folders); problems become
+/// [`crate::Issue`]s of the returned dataset.
 pub fn load(root: &Path) -> Result<Dataset> {
     let parents = patient_parents(root);
     if parents.is_empty() {
@@ -96,6 +102,10 @@ pub fn load(root: &Path) -> Result<Dataset> {
         let split = name_of(parent);
         for dir in subdirs(parent)?.into_iter().filter(|d| is_patient_dir(d)) {
             let patient = name_of(&dir);
+            if super::files(&dir)?.is_empty() {
+                ds.empty_folder(&dir, "Info.cfg and the ED/ES frames");
+                continue;
+            }
             let info_path = dir.join("Info.cfg");
             let info = match parse_info(&info_path) {
                 Ok(i) => i,
@@ -128,7 +138,11 @@ pub fn load(root: &Path) -> Result<Dataset> {
                 let labels = if gt.is_file() {
                     vec![LabelSource::Map(gt)]
                 } else {
-                    ds.issue(&gt, format!("{phase} ground truth missing"), split != "testing");
+                    if split == "testing" {
+                        ds.missing_label(&gt, format!("{phase} ground truth missing"));
+                    } else {
+                        ds.issue(&gt, format!("{phase} ground truth missing"), true);
+                    }
                     Vec::new()
                 };
                 ds.cases.push(Case {

@@ -37,6 +37,8 @@ fn modality_from_stem(stem: &str) -> Modality {
     Modality::Other(String::new())
 }
 
+/// Scans a BiomedParse-style dataset at `root` (see the module docs for the accepted folders); problems become
+/// [`crate::Issue`]s of the returned dataset.
 pub fn load(root: &Path) -> Result<Dataset> {
     let splits: Vec<&str> = SPLITS.iter().copied().filter(|s| root.join(s).is_dir()).collect();
     if splits.is_empty() {
@@ -62,6 +64,9 @@ pub fn load(root: &Path) -> Result<Dataset> {
             .filter(|p| file_kind(p) == Some(FileKind::Raster))
             .map(|p| (file_stem(&p), p))
             .collect();
+        if images.is_empty() {
+            ds.empty_folder(&root.join(split), "the split's .png images");
+        }
         let mut masks: BTreeMap<String, Vec<(String, PathBuf)>> = BTreeMap::new();
         let mask_dir = root.join(format!("{split}_mask"));
         if mask_dir.is_dir() {
@@ -91,7 +96,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
                 }
             }
         } else {
-            ds.issue(&mask_dir, "mask folder missing", split == "train");
+            ds.issue(&mask_dir, "mask folder missing", true);
         }
         for (stem, image) in images {
             let ms = masks.remove(&stem).unwrap_or_default();

@@ -49,6 +49,8 @@ fn parse_mask_name(stem: &str) -> Option<(String, u32)> {
     }
 }
 
+/// Scans BUSI at `root` (see the module docs for the accepted folders); problems become
+/// [`crate::Issue`]s of the returned dataset.
 pub fn load(root: &Path) -> Result<Dataset> {
     let base = busi_root(root).ok_or_else(|| {
         DataError::layout(
@@ -72,6 +74,13 @@ pub fn load(root: &Path) -> Result<Dataset> {
         }
         let mut images: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut masks: BTreeMap<String, Vec<(u32, PathBuf)>> = BTreeMap::new();
+        if !files(&dir)?
+            .iter()
+            .any(|f| name_of(f).to_ascii_lowercase().ends_with(".png"))
+        {
+            ds.empty_folder(&dir, "<class> (N).png images with their _mask.png");
+            continue;
+        }
         for f in files(&dir)? {
             let name = name_of(&f);
             if !name.to_ascii_lowercase().ends_with(".png") {

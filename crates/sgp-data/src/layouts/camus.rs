@@ -10,6 +10,9 @@
 //! ```
 //! One case per patient, view and phase (`patient0001_2CH_ED`); labels 1 LV (endocardium),
 //! 2 MYO, 3 LA. The older `.mhd/.raw` release is refused with a clear message.
+//!
+//! The NIfTI release labels every image, so an image without its `_gt` file and a patient
+//! folder without any ED/ES image are errors (no `allow_unlabelled` here).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +50,8 @@ fn patients_root(root: &Path) -> Option<PathBuf> {
     )
 }
 
+/// Scans CAMUS (NIfTI release) at `root` (see the module docs for the accepted folders); problems become
+/// [`crate::Issue`]s of the returned dataset.
 pub fn load(root: &Path) -> Result<Dataset> {
     let base = patients_root(root).ok_or_else(|| {
         DataError::layout(
@@ -67,6 +72,11 @@ pub fn load(root: &Path) -> Result<Dataset> {
         let patient = name_of(&dir);
         let names: Vec<String> = files(&dir)?.iter().map(|p| name_of(p)).collect();
         saw_mhd |= names.iter().any(|n| n.ends_with(".mhd"));
+        if names.is_empty() {
+            ds.empty_folder(&dir, &format!("{patient}_{{2CH,4CH}}_{{ED,ES}}.nii.gz"));
+            continue;
+        }
+        let cases_before = ds.cases.len();
         for view in ["2CH", "4CH"] {
             for phase in ["ED", "ES"] {
                 let stem = format!("{patient}_{view}_{phase}");
@@ -86,7 +96,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
                 let labels = if gt.is_file() {
                     vec![LabelSource::Map(gt)]
                 } else {
-                    ds.issue(&gt, "ground truth missing", false);
+                    ds.issue(&gt, "ground truth missing", true);
                     Vec::new()
                 };
                 let mut meta = BTreeMap::new();
@@ -101,6 +111,9 @@ pub fn load(root: &Path) -> Result<Dataset> {
                     meta,
                 });
             }
+        }
+        if ds.cases.len() == cases_before && !names.iter().any(|n| n.ends_with(".mhd")) {
+            ds.empty_folder(&dir, &format!("{patient}_{{2CH,4CH}}_{{ED,ES}}.nii.gz"));
         }
     }
     if ds.cases.is_empty() && saw_mhd {

@@ -24,6 +24,8 @@ use crate::error::{DataError, Result};
 /// Where the demo lives, relative to the repository root.
 pub const DEFAULT_ROOT: &str = "datasets/demo";
 
+/// Scans the bundled demo dataset at `root` (see the module docs for the accepted folders); problems become
+/// [`crate::Issue`]s of the returned dataset.
 pub fn load(root: &Path) -> Result<Dataset> {
     let base = nnunet::dataset_root(root)?;
     let json_path = base.join("dataset.json");

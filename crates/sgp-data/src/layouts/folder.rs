@@ -21,6 +21,8 @@ const IMAGE_DIRS: [&str; 4] = ["images", "imgs", "image", "Images"];
 const MASK_DIRS: [&str; 7] = ["masks", "labels", "mask", "gt", "annotations", "Masks", "Labels"];
 const MASK_SUFFIXES: [&str; 6] = ["_mask", "_gt", "_label", "_seg", "_segmentation", "_labels"];
 
+/// Scans a generic images/ + masks/ folder at `root` (see the module docs for the accepted folders); problems become
+/// [`crate::Issue`]s of the returned dataset.
 pub fn load(root: &Path) -> Result<Dataset> {
     let images_dir = find_root(root, &IMAGE_DIRS, |_| true)
         .ok_or_else(|| DataError::layout(root, "no images/ folder (images, imgs or image)"))?;

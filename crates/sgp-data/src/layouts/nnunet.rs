@@ -24,12 +24,17 @@ use crate::labels::{LabelCoding, LabelDefinition};
 /// The parts of `dataset.json` we use.
 #[derive(Debug, Clone)]
 pub struct DatasetJson {
+    /// `name`, else the folder name.
     pub name: String,
     /// Channel index -> modality name.
     pub channels: BTreeMap<usize, String>,
+    /// The label names and values (regions declare their member integers).
     pub labels: LabelDefinition,
+    /// `file_ending` (default `.nii.gz`).
     pub file_ending: String,
+    /// `numTraining`, checked against the cases found.
     pub num_training: Option<usize>,
+    /// The whole file, for keys we do not interpret.
     pub raw: Value,
 }
 
@@ -142,6 +147,8 @@ fn by_stem(dir: &Path, ending: &str) -> Result<BTreeMap<String, PathBuf>> {
     Ok(out)
 }
 
+/// Scans an nnU-Net raw dataset at `root` (see the module docs for the accepted folders); problems become
+/// [`crate::Issue`]s of the returned dataset.
 pub fn load(root: &Path) -> Result<Dataset> {
     let base = dataset_root(root)?;
     let dj = read_dataset_json(&base.join("dataset.json"))?;
@@ -163,6 +170,8 @@ pub fn load(root: &Path) -> Result<Dataset> {
         };
         if split == "train" && !base.join(images_dir).is_dir() {
             ds.issue(&base.join(images_dir), "imagesTr/ missing", true);
+        } else if split == "train" && images.is_empty() {
+            ds.empty_folder(&base.join(images_dir), &format!("CASE_0000{}", dj.file_ending));
         }
         // Group channel files `CASE_XXXX` by case.
         let mut cases: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();

@@ -11,6 +11,10 @@
 //! cup), 255 = background. Our label map (disjoint classes): **0 background, 1 disc rim,
 //! 2 cup**. The whole optic disc, as scored by the challenge, is `label >= 1` (rim plus cup).
 //! Grey levels within 30 of a level are accepted (resized copies are interpolated).
+//!
+//! An image without a mask is an error, unless `ScanOptions::allow_unlabelled`
+//! (`data verify --allow-unlabelled`) is given: the test images were first released without
+//! masks, and then they load as unlabelled cases.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +49,8 @@ pub(crate) fn is_mask_folder(name: &str) -> bool {
         || l == "labels"
 }
 
+/// Scans REFUGE at `root` (see the module docs for the accepted folders); problems become
+/// [`crate::Issue`]s of the returned dataset.
 pub fn load(root: &Path) -> Result<Dataset> {
     let mut images: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut masks: BTreeMap<String, PathBuf> = BTreeMap::new();
@@ -102,7 +108,7 @@ pub fn load(root: &Path) -> Result<Dataset> {
         let labels = match masks.get(&key) {
             Some(m) => vec![LabelSource::Map(m.clone())],
             None => {
-                ds.issue(&image, "image without a disc/cup mask (unlabelled test image?)", false);
+                ds.missing_label(&image, "image without a disc/cup mask");
                 Vec::new()
             }
         };

@@ -35,6 +35,8 @@ fn dataset_number(p: &Path) -> Option<u32> {
     n.strip_prefix("Dataset").map(str::trim).and_then(|s| s.parse().ok())
 }
 
+/// Scans the WBC dataset at `root` (see the module docs for the accepted folders); problems become
+/// [`crate::Issue`]s of the returned dataset.
 pub fn load(root: &Path) -> Result<Dataset> {
     let folders: Vec<(u32, PathBuf)> = if let Some(n) = dataset_number(root) {
         vec![(n, root.to_path_buf())]
@@ -78,6 +80,10 @@ pub fn load(root: &Path) -> Result<Dataset> {
             } else if lower.ends_with(".png") {
                 masks.insert(file_stem(&f), f);
             }
+        }
+        if images.is_empty() && masks.is_empty() {
+            ds.empty_folder(&dir, "NNN.bmp images with their NNN.png masks");
+            continue;
         }
         for (stem, m) in &masks {
             if !images.contains_key(stem) {

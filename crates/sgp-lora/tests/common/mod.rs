@@ -7,6 +7,7 @@ pub mod gradcheck;
 pub mod sam2;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
+use sgp_kernels::testing::max_abs_diff;
 use sgp_sam2::adapt::{AdaptableLinear, AdaptableModel};
 
 /// Deterministic pseudo-random numbers in [-1, 1) (SplitMix64).
@@ -135,16 +136,8 @@ pub fn assert_bit_identical(a: &Tensor, b: &Tensor, what: &str) {
         differing == 0,
         "{what}: {differing} of {} values differ (max abs diff {:e})",
         va.len(),
-        max_abs_diff(a, b)
+        max_abs_diff(a, b).unwrap()
     );
-}
-
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    values(a)
-        .iter()
-        .zip(values(b))
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
 }
 
 /// Byte-level snapshot of tensors, to check that training leaves them untouched.

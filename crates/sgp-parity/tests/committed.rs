@@ -1,26 +1,62 @@
-//! The committed parity cases (`fixtures/parity/` at the repository root) must all pass,
-//! and the runner's pass rule must catch what it promises to catch.
+//! The committed parity cases (`fixtures/parity/` and `fixtures/parity-transformers/` at
+//! the repository root) must all pass, and the runner's pass rule must catch what it
+//! promises to catch.
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use sgp_sam2::parity::{compare, run_dir_with};
+use sgp_parity::{compare, run_dir_with, Registry};
 
 fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/parity")
 }
 
-#[test]
-fn committed_parity_cases_pass() {
+/// Runs every case under `dir`; returns (passed, failed) after printing the report.
+fn run_committed(dir: &std::path::Path) -> (usize, usize, Vec<String>) {
     let mut lines = Vec::new();
-    let summary = run_dir_with(&fixtures_dir(), None, &Device::Cpu, &mut |l| {
+    let summary = run_dir_with(dir, None, &Device::Cpu, &mut |l| {
         println!("{l}");
         lines.push(l.to_string());
     })
     .expect("parity run");
-    assert!(summary.passed + summary.failed > 0, "no parity case found");
-    let failures: Vec<&String> = lines.iter().filter(|l| l.starts_with("FAIL")).collect();
-    assert_eq!(summary.failed, 0, "failed parity cases:\n{failures:#?}");
+    let failures = lines.into_iter().filter(|l| l.starts_with("FAIL")).collect();
+    (summary.passed, summary.failed, failures)
+}
+
+#[test]
+fn committed_parity_cases_pass() {
+    let (passed, failed, failures) = run_committed(&fixtures_dir());
+    assert!(passed + failed > 0, "no parity case found");
+    assert_eq!(failed, 0, "failed parity cases:\n{failures:#?}");
+}
+
+/// The transformers naming, checked against transformers' own forward.
+#[test]
+fn committed_transformers_cases_pass() {
+    let (passed, failed, failures) = run_committed(&fixtures_dir().join("../parity-transformers"));
+    assert!(passed >= 2, "expected the committed transformers cases");
+    assert_eq!(failed, 0, "failed parity cases:\n{failures:#?}");
+}
+
+#[test]
+fn kind_names_are_unique_and_the_sam2_kinds_are_registered() {
+    let r = Registry::builtin();
+    assert!(
+        r.duplicates().is_empty(),
+        "kinds registered twice: {:?}",
+        r.duplicates()
+    );
+    for k in [
+        "image_encoder",
+        "sam_heads",
+        "memory_encoder",
+        "memory_attention",
+        "track",
+    ] {
+        assert!(r.get(k).is_some(), "kind {k} missing");
+    }
+    assert_eq!(r.get("memory_attention").unwrap().item_dim("pix_feat_with_mem"), 1);
+    assert_eq!(r.get("track").unwrap().item_dim("pred_masks"), 0);
 }
 
 #[test]
@@ -64,7 +100,7 @@ fn empty_dir_is_an_error_and_broken_case_is_a_failure() {
 #[test]
 fn case_without_expected_outputs_runs_and_saves_all_outputs() {
     // Take the first committed image_encoder case and drop its expected outputs.
-    let cases = sgp_sam2::parity::discover_cases(&fixtures_dir()).unwrap();
+    let cases = sgp_parity::discover_cases(&fixtures_dir()).unwrap();
     let (_, src) = cases
         .iter()
         .find(|(_, p)| {
@@ -79,7 +115,7 @@ fn case_without_expected_outputs_runs_and_saves_all_outputs() {
     for f in ["case.json", "config.json", "weights.safetensors"] {
         std::fs::copy(src.join(f), case.join(f)).unwrap();
     }
-    let io = sgp_sam2::weights::load_state_dict(&src.join("io.safetensors"), &Device::Cpu).unwrap();
+    let io = sgp_sam2::load_state_dict(&src.join("io.safetensors"), &Device::Cpu).unwrap();
     let inputs: std::collections::HashMap<String, Tensor> =
         io.into_iter().filter(|(k, _)| k.starts_with("in.")).collect();
     candle_core::safetensors::save(&inputs, case.join("io.safetensors")).unwrap();
@@ -87,7 +123,7 @@ fn case_without_expected_outputs_runs_and_saves_all_outputs() {
     let out = dir.path().join("out");
     let s = run_dir_with(&dir.path().join("cases"), Some(&out), &Device::Cpu, &mut |_| {}).unwrap();
     assert_eq!((s.passed, s.failed), (1, 0));
-    let saved = sgp_sam2::weights::load_state_dict(&out.join("ie/outputs.safetensors"), &Device::Cpu).unwrap();
+    let saved = sgp_sam2::load_state_dict(&out.join("ie/outputs.safetensors"), &Device::Cpu).unwrap();
     let mut names: Vec<&String> = saved.keys().collect();
     names.sort();
     assert_eq!(

@@ -1,16 +1,15 @@
 //! `Sam2Model::encode_image` + `predict` against the official `SAM2ImagePredictor`
-//! (reference from tests/predictor_data/gen_predictor_fixture.py on a reduced model).
+//! (reference from crates/sgp-sam2/tests/predictor_data/gen_predictor_fixture.py on a
+//! reduced model), under the parity pass rule.
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use sgp_sam2::config::Sam2Config;
-use sgp_sam2::model::{PromptInput, Sam2Model};
-use sgp_sam2::parity::compare;
-use sgp_sam2::weights::load_state_dict;
+use sgp_parity::compare;
+use sgp_sam2::{load_state_dict, Multimask, PromptInput, Sam2Config, Sam2Model};
 
 fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/predictor_data")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sgp-sam2/tests/predictor_data")
 }
 
 fn check(name: &str, ours: &Tensor, reference: &Tensor) {
@@ -45,7 +44,7 @@ fn predictor_matches_official_image_predictor() {
                 boxes: Some([b[0], b[1], b[2], b[3]]),
                 mask_input: None,
             },
-            true,
+            model.multimask(true),
         )
         .unwrap();
     check("first.mask_logits", &first.mask_logits, &io["out.first.mask_logits"]);
@@ -79,7 +78,7 @@ fn predictor_matches_official_image_predictor() {
                 boxes: None,
                 mask_input: Some(prev),
             },
-            false,
+            model.multimask(false),
         )
         .unwrap();
     check("second.mask_logits", &second.mask_logits, &io["out.second.mask_logits"]);
@@ -111,17 +110,19 @@ fn predict_rejects_bad_prompts() {
         mask_input,
     };
     assert!(model
-        .predict(&emb, &p(Some((vec![[1.0, 2.0]], vec![1, 0])), None), true)
+        .predict(&emb, &p(Some((vec![[1.0, 2.0]], vec![1, 0])), None), Multimask::Multi)
         .is_err());
     assert!(model
-        .predict(&emb, &p(Some((vec![[f32::NAN, 2.0]], vec![1])), None), true)
+        .predict(&emb, &p(Some((vec![[f32::NAN, 2.0]], vec![1])), None), Multimask::Multi)
         .is_err());
     // No prompt at all is valid (the official predictor embeds "no mask", no points).
-    let none = model.predict(&emb, &PromptInput::default(), true).unwrap();
+    let none = model.predict(&emb, &PromptInput::default(), Multimask::Multi).unwrap();
     assert_eq!(none.mask_logits.dims(), &[3, 20, 30]);
     assert_eq!(none.masks.dims(), &[3, 20, 30]);
     assert_eq!(none.low_res_logits.dims(), &[3, 16, 16]);
     assert_eq!(none.iou_scores.dims(), &[3]);
     let wrong_mask = Tensor::zeros((1, 7, 7), DType::F32, &dev).unwrap();
-    assert!(model.predict(&emb, &p(None, Some(wrong_mask)), true).is_err());
+    assert!(model
+        .predict(&emb, &p(None, Some(wrong_mask)), Multimask::Multi)
+        .is_err());
 }
