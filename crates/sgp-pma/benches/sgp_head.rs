@@ -47,7 +47,7 @@ impl SimpleBackend for RandomWeights {
         let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
         let t = Tensor::rand(-1f32, 1f32, s, dev)?;
         let t = if name.contains("norm") && name.ends_with("weight") {
-            (t * 0.1 + 1.0)?
+            ((t * 0.1)? + 1.0)?
         } else {
             (t / (fan_in as f64).sqrt())?
         };
