@@ -185,16 +185,6 @@ pub const RULES: &[Rule] = &[
         from: "patch_embed.projection.",
         to: "patch_embed.proj.",
     },
-    Rule::Replace {
-        scope: "image_encoder.trunk.",
-        from: ".layer_norm1.",
-        to: ".norm1.",
-    },
-    Rule::Replace {
-        scope: "image_encoder.trunk.",
-        from: ".layer_norm2.",
-        to: ".norm2.",
-    },
     Rule::InsertAfterIndex {
         scope: "image_encoder.neck.convs.",
         segment: "conv",
