@@ -46,6 +46,8 @@ mod tests {
         let n = Tensor::new(&[f32::NAN, 2.0, 3.0], &dev).unwrap();
         assert!(max_abs_diff(&n, &a).unwrap().is_nan());
         assert_max_abs_diff("same", &a, &a, 0.0);
-        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| assert_max_abs_diff("off", &a, &b, 0.1))).is_err());
+        assert!(
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| assert_max_abs_diff("off", &a, &b, 0.1))).is_err()
+        );
     }
 }

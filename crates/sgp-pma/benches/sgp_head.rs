@@ -93,7 +93,11 @@ fn main() {
         let cfg = Sam2Config::preset(preset).expect("preset");
         let params = SgpHead::expected_parameters(&SgpHeadConfig::default(), head_dims(&cfg)).expect("params");
         let count = |p: &str| -> usize {
-            params.iter().filter(|(n, _)| n.starts_with(p)).map(|(_, s)| s.iter().product::<usize>()).sum()
+            params
+                .iter()
+                .filter(|(n, _)| n.starts_with(p))
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum()
         };
         println!(
             "{preset}: PMA {} + decoder {} = {} parameters",
@@ -105,10 +109,22 @@ fn main() {
     println!("| S | step | SAM2 decoder alone | SGP head (PMA + SAM2 decoder + stage 2) |");
     println!("|---|---|---|---|");
     for s in [512usize, 1024] {
-        let runs = if quick { 1 } else if s == 512 { 5 } else { 3 };
-        let cfg = Sam2Config::preset("sam2.1_hiera_t").unwrap().with_image_size(s).unwrap();
-        let model = Sam2Model::new(&cfg, VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone()))
-            .expect("model");
+        let runs = if quick {
+            1
+        } else if s == 512 {
+            5
+        } else {
+            3
+        };
+        let cfg = Sam2Config::preset("sam2.1_hiera_t")
+            .unwrap()
+            .with_image_size(s)
+            .unwrap();
+        let model = Sam2Model::new(
+            &cfg,
+            VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone()),
+        )
+        .expect("model");
         let (e, c) = (s / 16, cfg.hidden_dim());
         let feat = Tensor::randn(0f32, 1.0, (1, c, e, e), &dev).unwrap();
         let f4 = Tensor::randn(0f32, 1.0, (1, c / 8, 4 * e, 4 * e), &dev).unwrap();
@@ -149,7 +165,9 @@ fn main() {
         }
 
         let sam_fwd = measure(runs, &mut || {
-            let _ = heads.forward(&feat, Some(&pts), None, Some((&f4, &f8)), heads.multimask(false)).unwrap();
+            let _ = heads
+                .forward(&feat, Some(&pts), None, Some((&f4, &f8)), heads.multimask(false))
+                .unwrap();
         });
         let head_fwd = measure(runs, &mut || {
             let _ = inference.forward(&model, &parts(&feat), &image).unwrap();
@@ -157,7 +175,13 @@ fn main() {
         let fv = Var::from_tensor(&feat).unwrap();
         let sam_bwd = measure(runs, &mut || {
             let o = heads
-                .forward(fv.as_tensor(), Some(&pts), None, Some((&f4, &f8)), heads.multimask(false))
+                .forward(
+                    fv.as_tensor(),
+                    Some(&pts),
+                    None,
+                    Some((&f4, &f8)),
+                    heads.multimask(false),
+                )
                 .unwrap();
             let _ = o.high_res_masks.mean_all().unwrap().backward().unwrap();
         });

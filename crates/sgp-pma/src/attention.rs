@@ -79,17 +79,14 @@ impl Default for PmaConfig {
 impl PmaConfig {
     /// Checks the values against the feature width `dim`.
     pub fn validate(&self, dim: usize) -> Result<()> {
-        if self.num_heads == 0 || dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !dim.is_multiple_of(self.num_heads) {
             return Err(PmaError::Config(format!(
                 "pma.num_heads = {} must be positive and divide the feature width {dim}",
                 self.num_heads
             )));
         }
         if !(self.eps.is_finite() && self.eps > 0.0 && self.eps < 1.0) {
-            return Err(PmaError::Config(format!(
-                "pma.eps = {} must lie in (0, 1)",
-                self.eps
-            )));
+            return Err(PmaError::Config(format!("pma.eps = {} must lie in (0, 1)", self.eps)));
         }
         Ok(())
     }
@@ -241,9 +238,9 @@ impl PseudoMaskAttention {
     /// logits `[B, 1, h, w]` they came with.
     pub fn forward(&self, features: &Tensor, pseudo_mask_logits: &Tensor) -> Result<PmaOutput> {
         let _span = tracing::debug_span!("pma").entered();
-        let (b, c, h, w) = features.dims4().map_err(|_| {
-            PmaError::Input(format!("PMA features must be [B,C,E,E], got {:?}", features.dims()))
-        })?;
+        let (b, c, h, w) = features
+            .dims4()
+            .map_err(|_| PmaError::Input(format!("PMA features must be [B,C,E,E], got {:?}", features.dims())))?;
         if c != self.dim || h != w {
             return Err(PmaError::Input(format!(
                 "PMA features must be [B,{},E,E], got {:?}",

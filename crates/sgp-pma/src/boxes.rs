@@ -53,7 +53,7 @@ pub fn box_from_pseudo_mask(high_res_logits: &Tensor) -> Result<Vec<Option<[f32;
             y0 = y0.min(y);
             y1 = y1.max(y);
         }
-        boxes.push((x0 != usize::MAX).then(|| [x0 as f32, y0 as f32, x1 as f32, y1 as f32]));
+        boxes.push((x0 != usize::MAX).then_some([x0 as f32, y0 as f32, x1 as f32, y1 as f32]));
     }
     Ok(boxes)
 }

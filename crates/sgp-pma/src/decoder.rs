@@ -127,7 +127,7 @@ impl HierarchicalDecoder {
     pub fn new(cfg: &DecoderConfig, dims: HeadDims, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let c = dims.hidden_dim;
-        if c % 8 != 0 || c == 0 || dims.num_mask_tokens == 0 {
+        if !c.is_multiple_of(8) || c == 0 || dims.num_mask_tokens == 0 {
             return Err(PmaError::Config(format!(
                 "hidden_dim {c} must be a positive multiple of 8 and the decoder needs mask tokens"
             )));
@@ -175,7 +175,11 @@ impl HierarchicalDecoder {
             PmaError::Input(format!("stage 2: {what} must be {want}, got {:?}", t.dims()))
         };
         if uc != c8 {
-            return Err(bad("upscaled_embedding", x.upscaled_embedding, format!("[B,{c8},S/4,S/4]")));
+            return Err(bad(
+                "upscaled_embedding",
+                x.upscaled_embedding,
+                format!("[B,{c8},S/4,S/4]"),
+            ));
         }
         let (tb, nt, tc) = x
             .mask_tokens
@@ -199,8 +203,8 @@ impl HierarchicalDecoder {
 
         // --- S/4 fusion -------------------------------------------------------------
         let u = to_nhwc(x.upscaled_embedding)?; // [B, h4, w4, C/8]
-        // Mask-token maps: every mask token, projected to C/8, against U (like SAM's
-        // hypernetwork product, with new weights and all tokens at once).
+                                                // Mask-token maps: every mask token, projected to C/8, against U (like SAM's
+                                                // hypernetwork product, with new weights and all tokens at once).
         let tk = self.token_proj.forward(x.mask_tokens)?; // [B, T, C/8]
         let maps = u
             .reshape((b, h4 * w4, c8))?
@@ -230,7 +234,11 @@ impl HierarchicalDecoder {
                 return Err(PmaError::Input(format!(
                     "stage 2 was built with use_high_res_features = {} but high-res features were {}",
                     self.dims.use_high_res_features,
-                    if x.high_res_features.is_some() { "given" } else { "not given" }
+                    if x.high_res_features.is_some() {
+                        "given"
+                    } else {
+                        "not given"
+                    }
                 )))
             }
         }

@@ -122,7 +122,11 @@ impl SgpHead {
     pub fn expected_parameters(cfg: &SgpHeadConfig, dims: HeadDims) -> Result<Vec<(String, Vec<usize>)>> {
         let zeros = VarBuilder::zeros(DType::F32, &Device::Cpu);
         let head = Self::new(cfg, dims, zeros)?;
-        Ok(head.params.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect())
+        Ok(head
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect())
     }
 
     /// The configuration.
@@ -184,10 +188,7 @@ impl SgpHead {
         let b = pmg.pix_feat_with_mem.dim(0).unwrap_or(0);
         let check = |name: &str, t: &Tensor, want: &[usize]| -> Result<()> {
             if t.dims() != want {
-                return Err(PmaError::Input(format!(
-                    "{name} must be {want:?}, got {:?}",
-                    t.dims()
-                )));
+                return Err(PmaError::Input(format!("{name} must be {want:?}, got {:?}", t.dims())));
             }
             Ok(())
         };
@@ -202,8 +203,16 @@ impl SgpHead {
         if pmg.high_res_feats.is_some() != self.dims.use_high_res_features {
             return Err(PmaError::Input(format!(
                 "the model {} high-res features but PMG {} them",
-                if self.dims.use_high_res_features { "uses" } else { "does not use" },
-                if pmg.high_res_feats.is_some() { "gave" } else { "did not give" }
+                if self.dims.use_high_res_features {
+                    "uses"
+                } else {
+                    "does not use"
+                },
+                if pmg.high_res_feats.is_some() {
+                    "gave"
+                } else {
+                    "did not give"
+                }
             )));
         }
 
@@ -253,13 +262,8 @@ impl SgpHead {
             coords: Tensor::from_vec(coords, (n, 2, 2), dev)?,
             labels: Tensor::from_vec([2f32, 3.0].repeat(n), (n, 2), dev)?,
         };
-        let (stage1, inter) = heads.forward_with_intermediates(
-            &pma.features,
-            Some(&points),
-            None,
-            hr_ref,
-            heads.multimask(false),
-        )?;
+        let (stage1, inter) =
+            heads.forward_with_intermediates(&pma.features, Some(&points), None, hr_ref, heads.multimask(false))?;
 
         // Stage 2.
         let r = self.decoder.forward(&Stage2Inputs {
@@ -315,7 +319,10 @@ impl SgpHead {
         meta.insert("dims".to_string(), to_json(&self.dims, path)?);
         let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(self.params.len());
         for (n, t) in &self.params {
-            tensors.push((n.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?));
+            tensors.push((
+                n.clone(),
+                t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?,
+            ));
         }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))?;
@@ -378,11 +385,18 @@ impl SgpHead {
         for (name, shape) in &expected {
             match file.tensor(name) {
                 Err(_) => problems.push(format!("missing `{name}` {shape:?}")),
-                Ok(view) if view.shape() != shape.as_slice() => problems.push(format!(
-                    "`{name}` has shape {:?}, expected {shape:?}",
-                    view.shape()
-                )),
-                Ok(view) if !matches!(view.dtype(), safetensors::Dtype::F32 | safetensors::Dtype::F64 | safetensors::Dtype::F16 | safetensors::Dtype::BF16) => {
+                Ok(view) if view.shape() != shape.as_slice() => {
+                    problems.push(format!("`{name}` has shape {:?}, expected {shape:?}", view.shape()))
+                }
+                Ok(view)
+                    if !matches!(
+                        view.dtype(),
+                        safetensors::Dtype::F32
+                            | safetensors::Dtype::F64
+                            | safetensors::Dtype::F16
+                            | safetensors::Dtype::BF16
+                    ) =>
+                {
                     problems.push(format!("`{name}` has dtype {:?}, expected a float", view.dtype()))
                 }
                 Ok(view) => {
@@ -391,7 +405,11 @@ impl SgpHead {
                 }
             }
         }
-        let mut unexpected: Vec<&str> = file.names().into_iter().filter(|n| !expected.contains_key(*n)).collect();
+        let mut unexpected: Vec<&str> = file
+            .names()
+            .into_iter()
+            .filter(|n| !expected.contains_key(*n))
+            .collect();
         unexpected.sort_unstable();
         problems.extend(unexpected.into_iter().map(|n| format!("unexpected `{n}`")));
         if !problems.is_empty() {

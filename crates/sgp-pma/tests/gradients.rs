@@ -44,12 +44,23 @@ fn pma_gradients_match_finite_differences_in_f64() {
     let pma = PseudoMaskAttention::new(&cfg, 32, vb.pp("pma")).unwrap();
     set_var(&varmap, "pma.gamma", &Tensor::new(&[0.7f64], &Device::Cpu).unwrap());
     // Non-trivial norm affine so its gradient is generic.
-    set_var(&varmap, "pma.norm.weight", &(Rng::new(1).tensor(&[32], 0.2, DType::F64) + 1.0).unwrap());
+    set_var(
+        &varmap,
+        "pma.norm.weight",
+        &(Rng::new(1).tensor(&[32], 0.2, DType::F64) + 1.0).unwrap(),
+    );
     let f = Rng::new(2).tensor(&[2, 32, 4, 4], 1.0, DType::F64);
-    let m = common::disc_logits(16, &[(5.0, 6.0), (10.0, 9.0)], &[4.0, 5.0]).to_dtype(DType::F64).unwrap();
+    let m = common::disc_logits(16, &[(5.0, 6.0), (10.0, 9.0)], &[4.0, 5.0])
+        .to_dtype(DType::F64)
+        .unwrap();
     let loss = || probe(&pma.forward(&f, &m).unwrap().features, 3);
     let vs = vars(&varmap);
-    assert_eq!(vs.len(), 10, "norm (2), q/k/v/out (7, no key bias) and γ: {:?}", vs.iter().map(|v| &v.0).collect::<Vec<_>>());
+    assert_eq!(
+        vs.len(),
+        10,
+        "norm (2), q/k/v/out (7, no key bias) and γ: {:?}",
+        vs.iter().map(|v| &v.0).collect::<Vec<_>>()
+    );
     let worst = fd_check(&vs, &loss, 1e-5, 6, 1e-8);
     assert!(worst < 1e-6, "PMA f64 gradient check: worst relative error {worst:.2e}");
 }
@@ -70,11 +81,22 @@ fn decoder_gradients_match_finite_differences_in_f64() {
         stem_dim: 8,
     };
     let dec = HierarchicalDecoder::new(&cfg, dims, vb.pp("decoder")).unwrap();
-    set_var(&varmap, "decoder.out.weight", &Rng::new(4).tensor(&[1, 8], 0.5, DType::F64));
-    set_var(&varmap, "decoder.norm.weight", &(Rng::new(5).tensor(&[16], 0.2, DType::F64) + 1.0).unwrap());
+    set_var(
+        &varmap,
+        "decoder.out.weight",
+        &Rng::new(4).tensor(&[1, 8], 0.5, DType::F64),
+    );
+    set_var(
+        &varmap,
+        "decoder.norm.weight",
+        &(Rng::new(5).tensor(&[16], 0.2, DType::F64) + 1.0).unwrap(),
+    );
     let mut rng = Rng::new(6);
     let mut input = |dims: &[usize], name: &str| -> (String, Var) {
-        (name.to_string(), Var::from_tensor(&rng.tensor(dims, 1.0, DType::F64)).unwrap())
+        (
+            name.to_string(),
+            Var::from_tensor(&rng.tensor(dims, 1.0, DType::F64)).unwrap(),
+        )
     };
     // Stage 1's outputs are inputs here: their gradients flow back into SAM2's decoder.
     let tokens = input(&[2, 4, 32], "in.mask_tokens");
@@ -99,7 +121,10 @@ fn decoder_gradients_match_finite_differences_in_f64() {
     assert_eq!(vs.len(), 25, "{:?}", vs.iter().map(|v| &v.0).collect::<Vec<_>>());
     vs.extend([tokens.clone(), up.clone(), s1.clone(), f4.clone(), f8.clone()]);
     let worst = fd_check(&vs, &loss, 1e-5, 5, 1e-8);
-    assert!(worst < 1e-4, "decoder f64 gradient check: worst relative error {worst:.2e}");
+    assert!(
+        worst < 1e-4,
+        "decoder f64 gradient check: worst relative error {worst:.2e}"
+    );
 }
 
 fn active_head(model: &sgp_sam2::Sam2Model, backend: AttentionBackend) -> (SgpHead, VarMap) {
@@ -110,7 +135,11 @@ fn active_head(model: &sgp_sam2::Sam2Model, backend: AttentionBackend) -> (SgpHe
     // Leave the zero-start point: with γ = 0 and R = 0 the attention and the decoder's
     // inner layers receive no gradient by construction.
     set_var(&varmap, "pma.gamma", &Tensor::new(&[0.6f32], &Device::Cpu).unwrap());
-    set_var(&varmap, "decoder.out.weight", &Rng::new(22).tensor(&[1, 16], 0.3, DType::F32));
+    set_var(
+        &varmap,
+        "decoder.out.weight",
+        &Rng::new(22).tensor(&[1, 16], 0.3, DType::F32),
+    );
     (head, varmap)
 }
 
@@ -129,17 +158,27 @@ fn whole_head_gradients_reach_every_parameter_and_match_finite_differences() {
     // Stage 1 must see an object (a score <= 0 replaces its masks by the constant -1024)
     // and stay away from that switch, a step function.
     let scores = common::values(&out.object_score_logits);
-    assert!(scores.iter().all(|&s| s > 0.05), "object scores must be clearly positive: {scores:?}");
+    assert!(
+        scores.iter().all(|&s| s > 0.05),
+        "object scores must be clearly positive: {scores:?}"
+    );
     let loss = || probe(&head.forward(&model, &pmg, &img).unwrap().final_logits, 41);
     let vs = vars(&varmap);
     assert_eq!(vs.len(), head.parameters().len());
     let grads = loss().backward().unwrap();
     let gmax = vs
         .iter()
-        .map(|(_, v)| common::values(grads.get(v.as_tensor()).unwrap()).iter().fold(0f64, |m, x| m.max(x.abs())))
+        .map(|(_, v)| {
+            common::values(grads.get(v.as_tensor()).unwrap())
+                .iter()
+                .fold(0f64, |m, x| m.max(x.abs()))
+        })
         .fold(0f64, f64::max);
     let worst = fd_check(&vs, &loss, 1e-2, 3, 1e-2 * gmax);
-    assert!(worst < 3e-2, "whole-head f32 gradient check: worst relative error {worst:.2e}");
+    assert!(
+        worst < 3e-2,
+        "whole-head f32 gradient check: worst relative error {worst:.2e}"
+    );
 
     // Gradients also flow back into PMG's outputs (F' and the high-res levels).
     let fv = Var::from_tensor(&pmg.pix_feat_with_mem).unwrap();
@@ -153,11 +192,18 @@ fn whole_head_gradients_reach_every_parameter_and_match_finite_differences() {
         };
         probe(&head.forward(&model, &p, &img).unwrap().final_logits, 41)
     };
-    let inputs = vec![("F'".to_string(), fv.clone()), ("feat_s4".into(), h0.clone()), ("feat_s8".into(), h1.clone())];
+    let inputs = vec![
+        ("F'".to_string(), fv.clone()),
+        ("feat_s4".into(), h0.clone()),
+        ("feat_s8".into(), h1.clone()),
+    ];
     for (seed, random) in [(1u64, 0.0), (2, 0.5)] {
         let (gv, fd) = common::fd_directional(&inputs, &input_loss, 1e-2, seed, random);
         let err = (gv - fd).abs() / gv.abs().max(fd.abs());
-        assert!(err < 2e-2, "gradient into the PMG outputs: autograd {gv} vs finite difference {fd} ({err:.2e})");
+        assert!(
+            err < 2e-2,
+            "gradient into the PMG outputs: autograd {gv} vs finite difference {fd} ({err:.2e})"
+        );
     }
 
     // The fused kernel's backward agrees with the reference attention's.
@@ -166,7 +212,12 @@ fn whole_head_gradients_reach_every_parameter_and_match_finite_differences() {
         c.pma.backend = AttentionBackend::Reference;
         c
     };
-    let head_ref = SgpHead::new(&cfg_ref, head.dims(), VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let head_ref = SgpHead::new(
+        &cfg_ref,
+        head.dims(),
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     let grads_ref = probe(&head_ref.forward(&model, &pmg, &img).unwrap().final_logits, 41)
         .backward()
         .unwrap();
@@ -216,7 +267,9 @@ fn gradients_reach_lora_adapters_through_features_pma_and_decoder() {
         // max-pooling along the gradient direction (3% at 1e-2, 1.4% at 3e-3, 1.1% at 1e-3).
         let (gv, fd) = common::fd_directional(&lvars, &loss, 1e-3, seed, random);
         let err = (gv - fd).abs() / gv.abs().max(fd.abs());
-        assert!(err < 2e-2, "LoRA directional derivative: autograd {gv} vs finite difference {fd} ({err:.2e})");
+        assert!(
+            err < 2e-2,
+            "LoRA directional derivative: autograd {gv} vs finite difference {fd} ({err:.2e})"
+        );
     }
 }
-

@@ -50,10 +50,24 @@ fn untrained_head_is_exactly_the_sgp_init_pipeline() {
     let hr = pmg.high_res_feats.as_ref().unwrap();
     let (a, b) = (pick(&hr.0), pick(&hr.1));
     let reference = heads
-        .forward(&pick(&pmg.pix_feat_with_mem), Some(&pts), None, Some((&a, &b)), heads.multimask(false))
+        .forward(
+            &pick(&pmg.pix_feat_with_mem),
+            Some(&pts),
+            None,
+            Some((&a, &b)),
+            heads.multimask(false),
+        )
         .unwrap();
-    assert_eq!(max_abs_diff(&pick(&out.final_logits), &reference.high_res_masks), 0.0, "final logits");
-    assert_eq!(max_abs_diff(&pick(&out.stage1_low_res), &reference.low_res_masks), 0.0, "stage 1");
+    assert_eq!(
+        max_abs_diff(&pick(&out.final_logits), &reference.high_res_masks),
+        0.0,
+        "final logits"
+    );
+    assert_eq!(
+        max_abs_diff(&pick(&out.stage1_low_res), &reference.low_res_masks),
+        0.0,
+        "stage 1"
+    );
     assert_eq!(
         max_abs_diff(&pick(&out.object_score_logits), &reference.object_score_logits),
         0.0,
@@ -78,12 +92,21 @@ fn trained_parts_change_the_output_only_where_there_is_a_box() {
     let w = Rng::new(5).tensor(&[1, 16], 0.3, candle_core::DType::F32);
     set_var(&varmap, "decoder.out.weight", &w);
     let after = head.forward(&model, &pmg, &img).unwrap();
-    let d0 = max_abs_diff(&before.final_logits.narrow(0, 0, 1).unwrap(), &after.final_logits.narrow(0, 0, 1).unwrap());
-    let d1 = max_abs_diff(&before.final_logits.narrow(0, 1, 1).unwrap(), &after.final_logits.narrow(0, 1, 1).unwrap());
+    let d0 = max_abs_diff(
+        &before.final_logits.narrow(0, 0, 1).unwrap(),
+        &after.final_logits.narrow(0, 0, 1).unwrap(),
+    );
+    let d1 = max_abs_diff(
+        &before.final_logits.narrow(0, 1, 1).unwrap(),
+        &after.final_logits.narrow(0, 1, 1).unwrap(),
+    );
     assert_eq!(d0, 0.0, "no box: the pseudo-mask passes through");
     assert!(d1 > 1e-3, "γ and R act where there is a box ({d1})");
     // γ alone moves stage 1 (through F'').
-    let s1 = max_abs_diff(&before.stage1_low_res.narrow(0, 1, 1).unwrap(), &after.stage1_low_res.narrow(0, 1, 1).unwrap());
+    let s1 = max_abs_diff(
+        &before.stage1_low_res.narrow(0, 1, 1).unwrap(),
+        &after.stage1_low_res.narrow(0, 1, 1).unwrap(),
+    );
     assert!(s1 > 1e-4, "PMA changes stage 1 ({s1})");
 }
 
@@ -116,14 +139,23 @@ fn weights_round_trip_and_mismatches_are_listed_together() {
         hidden_dim: 256,
         ..dims
     };
-    assert!(matches!(SgpHead::load(&path, other, &Device::Cpu), Err(PmaError::ModelMismatch { .. })));
+    assert!(matches!(
+        SgpHead::load(&path, other, &Device::Cpu),
+        Err(PmaError::ModelMismatch { .. })
+    ));
 
     // A file with one tensor missing, one mis-shaped and one extra: one error, three lines.
     let mut ts: std::collections::HashMap<String, Tensor> =
         head.parameters().iter().map(|(n, t)| (n.clone(), t.clone())).collect();
     ts.remove("pma.q_proj.bias");
-    ts.insert("decoder.out.weight".into(), Tensor::zeros((2, 16), candle_core::DType::F32, &Device::Cpu).unwrap());
-    ts.insert("decoder.extra".into(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap());
+    ts.insert(
+        "decoder.out.weight".into(),
+        Tensor::zeros((2, 16), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    ts.insert(
+        "decoder.extra".into(),
+        Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     let bad = dir.path().join("bad.safetensors");
     candle_core::safetensors::save(&ts, &bad).unwrap();
     let Err(err) = SgpHead::load_with_config(&bad, &cfg, dims, &Device::Cpu) else {
@@ -134,11 +166,18 @@ fn weights_round_trip_and_mismatches_are_listed_together() {
         PmaError::WeightsMismatch { problems, .. } => assert_eq!(problems.len(), 3, "{msg}"),
         other => panic!("expected WeightsMismatch, got {other}"),
     }
-    for needle in ["missing `pma.q_proj.bias`", "`decoder.out.weight` has shape [2, 16]", "unexpected `decoder.extra`"] {
+    for needle in [
+        "missing `pma.q_proj.bias`",
+        "`decoder.out.weight` has shape [2, 16]",
+        "unexpected `decoder.extra`",
+    ] {
         assert!(msg.contains(needle), "{needle} not in: {msg}");
     }
     // No metadata: not a head file.
-    assert!(matches!(SgpHead::load(&bad, dims, &Device::Cpu), Err(PmaError::BadFile { .. })));
+    assert!(matches!(
+        SgpHead::load(&bad, dims, &Device::Cpu),
+        Err(PmaError::BadFile { .. })
+    ));
     // Missing file: an I/O error naming it.
     assert!(matches!(
         SgpHead::load(dir.path().join("nope.safetensors"), dims, &Device::Cpu),

@@ -36,13 +36,21 @@ fn plain_attention(pma: &PseudoMaskAttention, f: &Tensor) -> Tensor {
     let d = C / heads;
     let (xn, xq) = pma.token_inputs(f).unwrap();
     let [qp, kp, vp, op] = pma.projections();
-    let split = |t: Tensor| t.reshape((b, l, heads, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    let split = |t: Tensor| {
+        t.reshape((b, l, heads, d))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
     let q = split(qp.forward(&xq).unwrap());
     let k = split(kp.forward(&xq).unwrap());
     let v = split(vp.forward(&xn).unwrap());
     let logits = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
     let a = candle_nn::ops::softmax(&logits, D::Minus1).unwrap().matmul(&v).unwrap();
-    op.forward(&a.transpose(1, 2).unwrap().reshape((b, l, C)).unwrap()).unwrap()
+    op.forward(&a.transpose(1, 2).unwrap().reshape((b, l, C)).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -54,7 +62,11 @@ fn gate_zero_is_identity_and_nonzero_gate_changes_the_output_by_mask() {
     let m2 = disc_logits(16, &[(11.0, 11.0), (4.0, 12.0)], &[3.0, 3.0]);
 
     let out0 = pma.forward(&f, &m1).unwrap();
-    assert_eq!(max_abs_diff(&out0.features, &f), 0.0, "γ = 0 must leave F' exactly unchanged");
+    assert_eq!(
+        max_abs_diff(&out0.features, &f),
+        0.0,
+        "γ = 0 must leave F' exactly unchanged"
+    );
     assert!(norm(&out0.z) > 0.0, "Z must be non-zero so that γ can learn");
 
     set_var(&varmap, "pma.gamma", &Tensor::new(&[0.5f32], &Device::Cpu).unwrap());
@@ -63,7 +75,10 @@ fn gate_zero_is_identity_and_nonzero_gate_changes_the_output_by_mask() {
     let change = max_abs_diff(&a, &f);
     let between = max_abs_diff(&a, &b);
     assert!(change > 1e-2, "γ ≠ 0 changes F'' (max change {change})");
-    assert!(between > 1e-2, "different pseudo-masks give different F'' (max diff {between})");
+    assert!(
+        between > 1e-2,
+        "different pseudo-masks give different F'' (max diff {between})"
+    );
     // The change is not a global rescaling: per-token, it follows p.
     let za = (&a - &f).unwrap();
     let zb = (&b - &f).unwrap();
@@ -89,7 +104,10 @@ fn hard_mode_with_p_one_equals_plain_attention() {
         let ours = pma.attend(&f, &ones).unwrap();
         let plain = plain_attention(&pma, &f);
         let err = max_abs_diff(&ours, &plain);
-        assert!(err < 1e-5, "{backend:?}: hard mode with p ≡ 1 differs from plain attention by {err}");
+        assert!(
+            err < 1e-5,
+            "{backend:?}: hard mode with p ≡ 1 differs from plain attention by {err}"
+        );
         // And Z = Attn ⊙ 1 through the whole block (logits saturating to p = 1).
         let all_fg = Tensor::full(30f32, (2, 1, 16, 16), &Device::Cpu).unwrap();
         let out = pma.forward(&f, &all_fg).unwrap();
@@ -109,7 +127,10 @@ fn fully_masked_rows_fall_back_to_plain_attention() {
         let ours = pma.attend(&f, &zeros).unwrap();
         assert!(common::values(&ours).iter().all(|v| v.is_finite()), "{mode:?}: NaN/Inf");
         let err = max_abs_diff(&ours, &plain_attention(&pma, &f));
-        assert!(err < 1e-5, "{mode:?}: fully masked rows differ from plain attention by {err}");
+        assert!(
+            err < 1e-5,
+            "{mode:?}: fully masked rows differ from plain attention by {err}"
+        );
         // A partly masked map does change the result in both modes.
         let mut half = vec![0f32; 2 * E * E];
         for (i, v) in half.iter_mut().enumerate() {

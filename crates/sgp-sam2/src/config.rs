@@ -436,12 +436,12 @@ impl Sam2Config {
     /// that would divide by zero, underflow or index out of range is refused here.
     pub fn validate(&self) -> Result<()> {
         let s = self.image_size;
-        if s == 0 || s % 32 != 0 {
+        if s == 0 || !s.is_multiple_of(32) {
             return Err(Error::Config(format!(
                 "image_size must be a positive multiple of 32, got {s}"
             )));
         }
-        if self.backbone_stride == 0 || s % self.backbone_stride != 0 {
+        if self.backbone_stride == 0 || !s.is_multiple_of(self.backbone_stride) {
             return Err(Error::Config(format!(
                 "image_size {s} is not a multiple of backbone_stride {}",
                 self.backbone_stride
@@ -581,7 +581,7 @@ impl Sam2Config {
             )));
         }
         let c = neck.d_model;
-        if c == 0 || c % 8 != 0 {
+        if c == 0 || !c.is_multiple_of(8) {
             return Err(Error::Config(format!(
                 "neck.d_model (hidden_dim) must be a positive multiple of 8, got {c}"
             )));
@@ -595,7 +595,7 @@ impl Sam2Config {
             )));
         }
         let pe = &neck.position_encoding;
-        if pe.num_pos_feats == 0 || pe.num_pos_feats % 2 != 0 {
+        if pe.num_pos_feats == 0 || !pe.num_pos_feats.is_multiple_of(2) {
             return Err(Error::Config(
                 "position_encoding.num_pos_feats must be even and > 0".into(),
             ));
@@ -680,7 +680,7 @@ impl Sam2Config {
         }
         let mut p = 1usize;
         while p < md.total_stride {
-            p = p.checked_mul(md.stride).unwrap_or(usize::MAX);
+            p = p.saturating_mul(md.stride);
         }
         if p != md.total_stride {
             return Err(Error::Config(format!(
@@ -697,14 +697,14 @@ impl Sam2Config {
             )));
         }
         let pe = &me.position_encoding;
-        if pe.num_pos_feats == 0 || pe.num_pos_feats % 2 != 0 {
+        if pe.num_pos_feats == 0 || !pe.num_pos_feats.is_multiple_of(2) {
             return Err(Error::Config(
                 "memory_encoder.position_encoding.num_pos_feats must be even and > 0".into(),
             ));
         }
         // `SAM2Base.mem_dim`; object pointers (C wide) are split into C / mem_dim tokens.
         let mem_dim = if me.out_dim != me.in_dim { me.out_dim } else { c };
-        if self.use_obj_ptrs_in_encoder && mem_dim < c && c % mem_dim != 0 {
+        if self.use_obj_ptrs_in_encoder && mem_dim < c && !c.is_multiple_of(mem_dim) {
             return Err(Error::Config(format!(
                 "hidden_dim {c} is not a multiple of the memory dim {mem_dim} (object pointers are split into \
                  hidden_dim / mem_dim tokens)"

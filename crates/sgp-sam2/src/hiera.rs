@@ -283,7 +283,7 @@ impl Hiera {
                 cur_stage += 1;
             }
             let q_stride = q_pool_blocks.contains(&i).then_some(cfg.q_stride);
-            if dim_out % num_heads != 0 {
+            if !dim_out.is_multiple_of(num_heads) {
                 candle_core::bail!("hiera block {i}: dim {dim_out} not divisible by {num_heads} heads");
             }
             blocks.push(MultiScaleBlock::new(
@@ -322,7 +322,7 @@ impl Hiera {
     pub fn pos_embed_for(&self, h: usize, w: usize) -> Result<Tensor> {
         let pe = resize_bicubic(&self.pos_embed, h, w)?;
         let (_, _, wh, ww) = self.pos_embed_window.dims4()?;
-        if h % wh != 0 || w % ww != 0 {
+        if !h.is_multiple_of(wh) || !w.is_multiple_of(ww) {
             candle_core::bail!("patch grid {h}x{w} is not a multiple of the window embedding {wh}x{ww}");
         }
         let win = self.pos_embed_window.repeat((1, 1, h / wh, w / ww))?;

@@ -148,7 +148,7 @@ pub struct RoPEAttention {
 impl RoPEAttention {
     pub fn new(cfg: &AttentionConfig, vb: VarBuilder) -> Result<Self> {
         let internal_dim = cfg.embedding_dim / cfg.downsample_rate.max(1);
-        if cfg.num_heads == 0 || internal_dim % cfg.num_heads != 0 {
+        if cfg.num_heads == 0 || !internal_dim.is_multiple_of(cfg.num_heads) {
             candle_core::bail!("num_heads {} must divide {internal_dim}", cfg.num_heads);
         }
         let kv_in = cfg.kv_in_dim.unwrap_or(cfg.embedding_dim);
@@ -190,7 +190,7 @@ impl RoPEAttention {
             }
             let nk_rope = nk - num_k_exclude_rope;
             if nk_rope > 0 {
-                if nk_rope % nq != 0 {
+                if !nk_rope.is_multiple_of(nq) {
                     candle_core::bail!("{nk_rope} rotated keys are not a multiple of the {nq}-token grid");
                 }
                 let rotated = rope.apply(&k.narrow(2, 0, nk_rope)?, nk_rope / nq)?;

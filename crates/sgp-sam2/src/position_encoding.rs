@@ -16,7 +16,7 @@ pub struct PositionEmbeddingSine {
 
 impl PositionEmbeddingSine {
     pub fn new(cfg: &PositionEmbeddingSineConfig) -> std::result::Result<Self, crate::Error> {
-        if cfg.num_pos_feats % 2 != 0 || cfg.num_pos_feats == 0 {
+        if !cfg.num_pos_feats.is_multiple_of(2) || cfg.num_pos_feats == 0 {
             return Err(crate::Error::Config(
                 "PositionEmbeddingSine needs an even, non-zero num_pos_feats".into(),
             ));
@@ -71,7 +71,7 @@ impl PositionEmbeddingSine {
         // Per-axis value for channel k of an embedding e: sin for even k, cos for odd k.
         let feat = |e: f32, k: usize| -> f32 {
             let v = e / dim_t[k];
-            if k % 2 == 0 {
+            if k.is_multiple_of(2) {
                 v.sin()
             } else {
                 v.cos()

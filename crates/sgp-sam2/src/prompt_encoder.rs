@@ -103,7 +103,7 @@ impl PromptEncoder {
         mask_in_chans: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if embed_dim % 2 != 0 || mask_in_chans % 4 != 0 {
+        if !embed_dim.is_multiple_of(2) || !mask_in_chans.is_multiple_of(4) {
             candle_core::bail!(
                 "prompt encoder: embed_dim ({embed_dim}) must be even and mask_in_chans ({mask_in_chans}) a multiple of 4"
             );

@@ -22,7 +22,7 @@ pub struct AxialRope {
 
 impl AxialRope {
     pub fn new(head_dim: usize, end_x: usize, end_y: usize, theta: f64, device: &Device) -> Result<Self> {
-        if head_dim % 4 != 0 {
+        if !head_dim.is_multiple_of(4) {
             candle_core::bail!("axial RoPE needs a head dim divisible by 4, got {head_dim}");
         }
         let quarter = head_dim / 4;

@@ -211,7 +211,7 @@ pub struct SamHeads {
 impl SamHeads {
     /// `vb` is the model root (keys `sam_prompt_encoder.*`, `sam_mask_decoder.*`, ...).
     pub fn new(cfg: &SamHeadsConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.backbone_stride == 0 || cfg.image_size % cfg.backbone_stride != 0 {
+        if cfg.backbone_stride == 0 || !cfg.image_size.is_multiple_of(cfg.backbone_stride) {
             return Err(Error::Config(format!(
                 "image_size {} is not a multiple of backbone_stride {}",
                 cfg.image_size, cfg.backbone_stride

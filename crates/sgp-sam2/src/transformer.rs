@@ -104,7 +104,7 @@ impl Attention {
         vb: VarBuilder,
     ) -> Result<Self> {
         let internal_dim = embedding_dim / downsample_rate.max(1);
-        if num_heads == 0 || internal_dim % num_heads != 0 {
+        if num_heads == 0 || !internal_dim.is_multiple_of(num_heads) {
             candle_core::bail!("attention: num_heads ({num_heads}) must divide {internal_dim}");
         }
         let kv = kv_in_dim.unwrap_or(embedding_dim);

@@ -809,10 +809,10 @@ mod tests {
             keys.iter().map(|k| map_key_with(rules, k, &depths, n).ok()).collect()
         };
         let full = map_all(RULES);
-        for i in 0..RULES.len() {
+        for (i, rule) in RULES.iter().enumerate() {
             let mut without = RULES.to_vec();
             without.remove(i);
-            assert_ne!(map_all(&without), full, "rule {i} ({:?}) changes no key", RULES[i]);
+            assert_ne!(map_all(&without), full, "rule {i} ({rule:?}) changes no key");
         }
     }
 

@@ -39,7 +39,7 @@ use sgp_eval::{CaseMetrics, LabelMetrics, MetricOptions, Report, Unmatched};
 use sgp_memory::{CacheOptions, SupportCache, WeightsId};
 use sgp_sam2::Sam2Model;
 
-use crate::predictor::{CaseData, PredictorOptions, SgpPredictor};
+use crate::predictor::{CaseData, PredictorOptions};
 use crate::predictor_files::{predictor, HeadChoice};
 use crate::{Error, Result};
 
@@ -191,13 +191,9 @@ fn encode_coding(labels: &ndarray::ArrayD<u16>, coding: &LabelCoding) -> Option<
     match coding {
         LabelCoding::Integer => None,
         LabelCoding::Binary { .. } => Some(labels.mapv(|v| if v > 0 { 255 } else { 0 })),
-        LabelCoding::GreyLevels { levels, .. } => Some(labels.mapv(|v| {
-            levels
-                .iter()
-                .find(|(_, l)| *l == v)
-                .map(|(g, _)| *g)
-                .unwrap_or(0)
-        })),
+        LabelCoding::GreyLevels { levels, .. } => {
+            Some(labels.mapv(|v| levels.iter().find(|(_, l)| *l == v).map(|(g, _)| *g).unwrap_or(0)))
+        }
     }
 }
 
@@ -283,7 +279,9 @@ pub fn evaluate_dataset(
     let (eval_ids, support_ids) = plan(&ds, req)?;
     let classes = eval_classes(&ds, req, &support_ids)?;
     if classes.is_empty() {
-        return Err(Error::Input("the dataset declares no foreground class; give --classes".into()));
+        return Err(Error::Input(
+            "the dataset declares no foreground class; give --classes".into(),
+        ));
     }
     let mut options = req.options.clone();
     options.classes = Some(classes.iter().map(|&c| u32::from(c)).collect());
@@ -426,7 +424,11 @@ pub fn evaluate_dataset(
     sgp_data::write_atomic(&req.out.join("summary.md"), report.to_markdown().as_bytes())?;
     let title = format!(
         "SAM2-SGP ({}, K={}, {})",
-        if matches!(head, HeadChoice::TrainingFree) { "training-free" } else { "trained" },
+        if matches!(head, HeadChoice::TrainingFree) {
+            "training-free"
+        } else {
+            "trained"
+        },
         options.support_size,
         options.ablation.name()
     );
@@ -481,7 +483,13 @@ fn squeeze<T>(mut data: ndarray::ArrayD<T>, spacing: &[f64]) -> (ndarray::ArrayD
     (data, spacing)
 }
 
-fn overlay(out: &Path, id: &str, data: &CaseData, gt: &sgp_data::Volume<u16>, pred: &ndarray::ArrayD<u16>) -> Result<()> {
+fn overlay(
+    out: &Path,
+    id: &str,
+    data: &CaseData,
+    gt: &sgp_data::Volume<u16>,
+    pred: &ndarray::ArrayD<u16>,
+) -> Result<()> {
     let dir = out.join("overlays");
     mkdir(&dir)?;
     let (g, _) = squeeze(gt.data.clone(), &gt.spacing);
@@ -507,7 +515,11 @@ fn overlay(out: &Path, id: &str, data: &CaseData, gt: &sgp_data::Volume<u16>, pr
 /// not count for it (`sgp_eval`'s convention).
 pub fn dice_table(ds: &Dataset, classes: &[u16], rows: &[(String, &Report)]) -> String {
     let names: Vec<String> = classes.iter().map(|&c| table_name(ds, c)).collect();
-    let mut s = format!("| method | {} | mean |\n|---|{}---|\n", names.join(" | "), "---|".repeat(names.len()));
+    let mut s = format!(
+        "| method | {} | mean |\n|---|{}---|\n",
+        names.join(" | "),
+        "---|".repeat(names.len())
+    );
     for (method, report) in rows {
         let cells: Vec<String> = classes
             .iter()

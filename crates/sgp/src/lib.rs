@@ -29,8 +29,8 @@ pub mod train_error;
 
 pub use device::{select_device, DeviceSpec};
 pub use error::{Error, Result};
-pub use train_error::TrainError;
 pub use pretrained::{load_pretrained, LoadOptions, Pretrained, WeightsFormat, WeightsSpec};
+pub use train_error::TrainError;
 
 pub use sgp_data as data;
 pub use sgp_eval as eval;

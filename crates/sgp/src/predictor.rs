@@ -198,7 +198,9 @@ impl CaseData {
     /// Its id and patient are the file stem.
     pub fn from_path(path: &std::path::Path, modality: &Modality, axis: usize) -> Result<Self> {
         let id = if path.is_dir() {
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         } else {
             sgp_data::file_stem(path)
         };
@@ -316,7 +318,11 @@ impl CaseData {
             Planes::Rgb(_) => {
                 let view = plane.view().into_dyn();
                 if out.shape() != view.shape() {
-                    return Err(Error::Input(format!("plane {:?} vs image {:?}", view.shape(), out.shape())));
+                    return Err(Error::Input(format!(
+                        "plane {:?} vs image {:?}",
+                        view.shape(),
+                        out.shape()
+                    )));
                 }
                 out.assign(&view);
             }
@@ -352,7 +358,10 @@ fn grey_planes(image: &Volume<f32>, modality: &Modality, axis: usize) -> Result<
     }
     let data = squeeze_2d(&image.data);
     if data.ndim() != 2 && data.ndim() != 3 {
-        return Err(Error::Input(format!("expected a 2D or 3D image, got shape {:?}", image.shape())));
+        return Err(Error::Input(format!(
+            "expected a 2D or 3D image, got shape {:?}",
+            image.shape()
+        )));
     }
     if data.is_empty() {
         return Err(Error::Input("the image is empty".into()));
@@ -417,11 +426,16 @@ impl<'m> SgpPredictor<'m> {
             return Err(Error::Input("the support size K must be at least 1".into()));
         }
         if options.axis > 2 {
-            return Err(Error::Input(format!("the slice axis must be 0, 1 or 2, got {}", options.axis)));
+            return Err(Error::Input(format!(
+                "the slice axis must be 0, 1 or 2, got {}",
+                options.axis
+            )));
         }
         if let Some(c) = &options.classes {
             if c.is_empty() || c.contains(&0) {
-                return Err(Error::Input(format!("classes must be non-empty and exclude 0 (background), got {c:?}")));
+                return Err(Error::Input(format!(
+                    "classes must be non-empty and exclude 0 (background), got {c:?}"
+                )));
             }
         }
         Ok(Self {

@@ -11,8 +11,8 @@ use sgp_sam2::Sam2Model;
 use crate::model::{SgpModel, SgpModelConfig};
 use crate::predictor::{CaseData, PredictorOptions, SgpPredictor};
 use crate::train::TrainConfig;
-use sgp_pma::SgpHead;
 use crate::{Error, Result};
+use sgp_pma::SgpHead;
 
 /// Which head produces the final logits.
 #[derive(Debug, Clone)]
@@ -80,7 +80,12 @@ pub fn load_run(dir: &Path, device: &candle_core::Device) -> Result<LoadedRun> {
         .iter()
         .map(|n| dir.join(n))
         .find(|p| p.is_file())
-        .ok_or_else(|| Error::Input(format!("run {}: no best.safetensors or last.safetensors", dir.display())))?;
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "run {}: no best.safetensors or last.safetensors",
+                dir.display()
+            ))
+        })?;
     let (sam2, base) = crate::train::model_source(&config, device).map_err(bad)?;
     let model_cfg = SgpModelConfig {
         sam2,
@@ -131,7 +136,11 @@ pub fn load_support_dataset(root: &Path, kind: Option<DatasetKind>) -> Result<Da
         order.extend([DatasetKind::Demo, DatasetKind::Nnunet]);
     }
     order.push(DatasetKind::Folder);
-    let rest: Vec<DatasetKind> = DatasetKind::ALL.iter().copied().filter(|k| !order.contains(k)).collect();
+    let rest: Vec<DatasetKind> = DatasetKind::ALL
+        .iter()
+        .copied()
+        .filter(|k| !order.contains(k))
+        .collect();
     order.extend(rest);
     let mut tried = Vec::new();
     for kind in order {
@@ -178,7 +187,8 @@ impl PredictRequest {
         if !self.input.exists() {
             return Err(Error::Input(format!("--input {}: not found", self.input.display())));
         }
-        let raster_in = !self.input.is_dir() && matches!(sgp_data::file_kind(&self.input), Some(sgp_data::FileKind::Raster));
+        let raster_in =
+            !self.input.is_dir() && matches!(sgp_data::file_kind(&self.input), Some(sgp_data::FileKind::Raster));
         if !self.input.is_dir() && sgp_data::file_kind(&self.input).is_none() {
             return Err(Error::Input(format!(
                 "--input {}: not an image this tool reads (PNG, JPEG, BMP, TIFF, NIfTI, or a DICOM series folder)",

@@ -147,6 +147,7 @@ impl FromPretrained for Sam2Model {
 
 /// Files that make up a model, before loading.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // built once per load; boxing buys nothing
 enum Located {
     Original { weights: PathBuf, config: Sam2Config },
     Transformers { weights: PathBuf, config_json: PathBuf },

@@ -906,7 +906,8 @@ impl Trainer {
             let done = step >= total;
             let out_of_time = budget.is_some_and(|b| start.elapsed().as_secs_f64() >= b);
             let stop = opts.stop_after.is_some_and(|s| step >= s);
-            let validate = (self.config.val_every > 0 && step.is_multiple_of(self.config.val_every)) || done || out_of_time;
+            let validate =
+                (self.config.val_every > 0 && step.is_multiple_of(self.config.val_every)) || done || out_of_time;
             if validate && !self.data.val_queries.is_empty() {
                 let (per, mean) = self.validate()?;
                 let names: BTreeMap<String, f64> = per.iter().map(|(c, d)| (c.to_string(), *d)).collect();

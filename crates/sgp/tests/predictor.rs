@@ -66,7 +66,11 @@ fn demo_volume_from_the_other_cases_keeps_geometry_and_hits_the_cache() {
     let img = sgp_data::read_image(&input).unwrap();
     let pred = sgp_data::read_labels(&out1).unwrap();
     assert_eq!(pred.shape(), img.shape());
-    assert!(pred.geometry.as_ref().unwrap().same_grid(img.geometry.as_ref().unwrap(), 1e-6));
+    assert!(pred
+        .geometry
+        .as_ref()
+        .unwrap()
+        .same_grid(img.geometry.as_ref().unwrap(), 1e-6));
     assert!(pred.data.iter().all(|&v| v <= 1), "labels beyond the demo's classes");
     assert_eq!(r1.classes, vec![1]);
 
@@ -115,7 +119,14 @@ fn bad_requests_fail_before_any_work() {
     let (loaded, id) = reduced();
     let mut no_support = request(input, tmp.path().join("x.nii.gz"), None);
     no_support.support = tmp.path().to_path_buf();
-    let err = predict_to_file(&loaded.model, &id, &HeadChoice::TrainingFree, &no_support, &mut |_, _| {}).unwrap_err();
+    let err = predict_to_file(
+        &loaded.model,
+        &id,
+        &HeadChoice::TrainingFree,
+        &no_support,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("no dataset layout fits"), "{err}");
 }
 

@@ -39,15 +39,14 @@ pub(super) fn register(r: &mut Registry) {
 
 /// Point prompts `in.point_coords` + `in.point_labels`, when the case has them.
 fn points(case: &Case) -> Result<Option<PointInputs>> {
-    Ok(case
-        .input_pair("point_coords", "point_labels")?
+    case.input_pair("point_coords", "point_labels")?
         .map(|(c, l)| -> Result<PointInputs> {
             Ok(PointInputs {
                 coords: c.clone(),
                 labels: l.to_dtype(DType::F32)?,
             })
         })
-        .transpose()?)
+        .transpose()
 }
 
 /// `model.forward_image(image)`.

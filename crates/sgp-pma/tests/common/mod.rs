@@ -11,7 +11,8 @@ use sgp_sam2::{Sam2Config, Sam2Model, StrictWeights};
 
 /// The reduced SAM2.1 case whose config and weights the tests reuse.
 pub fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/parity/sam2.1_reduced/s64/sam_heads_box_point_single")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/parity/sam2.1_reduced/s64/sam_heads_box_point_single")
 }
 
 /// The reduced SAM2.1 model (random weights from the official code, hidden_dim 32, S 64).
@@ -47,7 +48,10 @@ impl Rng {
     pub fn tensor(&mut self, dims: &[usize], scale: f64, dtype: DType) -> Tensor {
         let n: usize = dims.iter().product();
         let v: Vec<f64> = (0..n).map(|_| scale * self.normal()).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        Tensor::from_vec(v, dims, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 }
 
@@ -78,7 +82,9 @@ pub fn pmg_parts(model: &Sam2Model, image: &Tensor, radii: &[f64]) -> PmgParts {
     let (emb, hr) = model.image_features(image).expect("features");
     let b = image.dim(0).unwrap();
     let q = s / 4;
-    let centres: Vec<(f64, f64)> = (0..b).map(|i| (q as f64 * (0.4 + 0.1 * i as f64), q as f64 * 0.55)).collect();
+    let centres: Vec<(f64, f64)> = (0..b)
+        .map(|i| (q as f64 * (0.4 + 0.1 * i as f64), q as f64 * 0.55))
+        .collect();
     let low = disc_logits(q, &centres, radii);
     let high = sgp_kernels::resize::bilinear(&low, s, s, false).unwrap();
     PmgParts {
@@ -116,7 +122,12 @@ pub fn set_var(varmap: &VarMap, name: &str, t: &Tensor) {
 }
 
 pub fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -168,7 +179,10 @@ pub fn fd_check(vars: &[(String, Var)], loss: &dyn Fn() -> Tensor, step: f64, pi
                 worst = err;
             }
             if err > 1e-2 {
-                eprintln!("{name}[{idx}]: autograd {} vs finite difference {fd} (rel err {err:.2e})", g[idx]);
+                eprintln!(
+                    "{name}[{idx}]: autograd {} vs finite difference {fd} (rel err {err:.2e})",
+                    g[idx]
+                );
             }
         }
     }
@@ -180,12 +194,25 @@ pub fn fd_check(vars: &[(String, Var)], loss: &dyn Fn() -> Tensor, step: f64, pi
 /// a unit direction `v`: the gradient's own direction mixed with a random one (weight
 /// `random` for the random part; 0 = along the gradient, where `g·v = |g|` stands far
 /// above f32 rounding). Robust in f32 where per-entry differences drown in rounding.
-pub fn fd_directional(vars: &[(String, Var)], loss: &dyn Fn() -> Tensor, step: f64, seed: u64, random: f64) -> (f64, f64) {
+pub fn fd_directional(
+    vars: &[(String, Var)],
+    loss: &dyn Fn() -> Tensor,
+    step: f64,
+    seed: u64,
+    random: f64,
+) -> (f64, f64) {
     let grads = loss().backward().unwrap();
     let mut rng = Rng::new(seed);
     let gnorm: f64 = vars
         .iter()
-        .map(|(n, v)| norm(grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient reaches {n}"))).powi(2))
+        .map(|(n, v)| {
+            norm(
+                grads
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient reaches {n}")),
+            )
+            .powi(2)
+        })
         .sum::<f64>()
         .sqrt();
     let rcount: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
@@ -202,14 +229,22 @@ pub fn fd_directional(vars: &[(String, Var)], loss: &dyn Fn() -> Tensor, step: f
     let originals: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
     let mut gv = 0.0;
     for (((name, var), d), _) in vars.iter().zip(&dirs).zip(&originals) {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reaches {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient reaches {name}"));
         assert!(norm(g) > 0.0, "the gradient of {name} is zero");
         gv += values(g).iter().zip(d).map(|(a, b)| a * b / total).sum::<f64>();
     }
     let at = |t: f64| {
         for (((_, var), d), o) in vars.iter().zip(&dirs).zip(&originals) {
             let v: Vec<f64> = values(o).iter().zip(d).map(|(a, b)| a + t * b / total).collect();
-            var.set(&Tensor::from_vec(v, o.shape(), o.device()).unwrap().to_dtype(o.dtype()).unwrap()).unwrap();
+            var.set(
+                &Tensor::from_vec(v, o.shape(), o.device())
+                    .unwrap()
+                    .to_dtype(o.dtype())
+                    .unwrap(),
+            )
+            .unwrap();
         }
         loss().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
     };

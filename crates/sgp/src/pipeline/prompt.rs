@@ -36,8 +36,8 @@ pub fn parse_points(s: &str) -> Result<(Vec<[f32; 2]>, Vec<i32>)> {
             )));
         }
         let label = match v[2] {
-            l if l == 1.0 => 1,
-            l if l == 0.0 => 0,
+            1.0 => 1,
+            0.0 => 0,
             _ => {
                 return Err(Error::Input(format!(
                     "--points item {} ({item:?}): label must be 1 (foreground) or 0 (background)",
