@@ -13,6 +13,12 @@ ms_per_slice averages the tracked slices (image encoder + memory attention + hea
 memory encoder each).
 `--mode peak`: runs the loop and prints {"mode": "peak", "size", "slices", "peak_rss_mb"}
 (the process's RSS high-water mark, ru_maxrss).
+
+`--supports K` (K > 0): the SGP support-set propagation instead, i.e. the `support_track`
+parity kind's computation: K supports are conditioning frames 0..K-1 prompted with their
+masks (encoded once, not timed per slice), then every slice is a non-conditioning frame
+K+t tracked from the supports and the previous slices' memories (SAM2's own bank).
+ms_per_slice then averages all slices; "support_ms" is the K supports' encoding.
 """
 import argparse
 import json
@@ -51,6 +57,34 @@ def run(model, size, slices):
     return times
 
 
+@torch.no_grad()
+def run_supports(model, size, slices, k):
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4: size // 2, size // 3: 3 * size // 4] = 1
+    od = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    n = k + slices
+    t0 = time.perf_counter()
+    for i in range(k):
+        _, feats, pos, sizes = model._prepare_backbone_features(model.forward_image(frame(size, 500 + i)))
+        out = model.track_step(frame_idx=i, is_init_cond_frame=True, current_vision_feats=feats,
+                               current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None,
+                               mask_inputs=mask, output_dict=od, num_frames=n, track_in_reverse=False,
+                               run_mem_encoder=True)
+        od["cond_frame_outputs"][i] = compact(out)
+    support_ms = (time.perf_counter() - t0) * 1e3
+    times = []
+    for t in range(slices):
+        t0 = time.perf_counter()
+        _, feats, pos, sizes = model._prepare_backbone_features(model.forward_image(frame(size, t)))
+        out = model.track_step(frame_idx=k + t, is_init_cond_frame=False, current_vision_feats=feats,
+                               current_vision_pos_embeds=pos, feat_sizes=sizes, point_inputs=None,
+                               mask_inputs=None, output_dict=od, num_frames=n, track_in_reverse=False,
+                               run_mem_encoder=True)
+        od["non_cond_frame_outputs"][k + t] = compact(out)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return support_ms, times
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="sam2.1_hiera_t")
@@ -60,13 +94,22 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", choices=["time", "peak"], default="time")
     ap.add_argument("--write-weights", default=None)
+    ap.add_argument("--supports", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = build(a.config, a.size, a.seed)
     if a.write_weights:
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.write_weights)
-    times = run(model, a.size, a.slices)
+    if a.supports > 0:
+        support_ms, times = run_supports(model, a.size, a.slices, a.supports)
+        if a.mode == "time":
+            print(json.dumps({"mode": "time", "size": a.size, "slices": a.slices, "supports": a.supports,
+                              "torch": torch.__version__, "threads": a.threads,
+                              "ms_per_slice": sum(times) / len(times), "support_ms": support_ms}))
+            return
+    else:
+        times = run(model, a.size, a.slices)
     if a.mode == "time":
         tracked = times[1:] or times
         print(json.dumps({"mode": "time", "size": a.size, "slices": a.slices, "torch": torch.__version__,

@@ -24,7 +24,7 @@ if [ "$WHAT" != sgp ]; then
        --track-frames 3 --kinds image_encoder sam_heads memory_encoder memory_attention track pt
 fi
 if [ "$WHAT" != sam2 ]; then
-  # SGP kinds (support sets, shared/specs/sam2-parity-fixtures.md "SGP kinds") on the SAM2.1
+  # SGP kinds (support sets, docs/parity-format.md, "SGP kinds") on the SAM2.1
   # family's weights. One thread: the reference then matches a rerun bit for bit.
   W="$OUT/sam2.1_reduced/s64/image_encoder_b2/weights.safetensors"
   [ -f "$W" ] || { echo "$W missing: generate the sam2 set first" >&2; exit 1; }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate SAM2 parity fixture cases (format: /work/shared/specs/sam2-parity-fixtures.md).
+"""Generate SAM2 parity fixture cases (format: docs/parity-format.md).
 
 Each case is a folder with case.json, config.json (the yaml `model:` node as JSON, with
 `_target_` kept), weights.safetensors (official key names; or weights.pt for

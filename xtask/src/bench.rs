@@ -18,12 +18,19 @@ enum What {
     Sam2(crate::bench_sam2::Args),
     /// Volume propagation: ms per slice and peak memory (Rust vs official PyTorch).
     Propagate(crate::bench_propagate::Args),
+    /// Support-set propagation (SGP 3DM) per slice beside SAM2's propagation and the
+    /// official PyTorch `support_track` loop; the support cache's speedup.
+    Support(crate::bench_support::Args),
+    /// PMA + hierarchical decoder forward and forward+backward beside SAM2's decoder.
+    Head(crate::bench_head::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Sam2(a) => crate::bench_sam2::run(a),
         What::Propagate(a) => crate::bench_propagate::run(a),
+        What::Support(a) => crate::bench_support::run(a),
+        What::Head(a) => crate::bench_head::run(a),
     }
 }
 

@@ -18,9 +18,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use sgp_sam2::config::Sam2Config;
-use sgp_sam2::model::Sam2Model;
-use sgp_sam2::propagation::{Direction, SlicePrompt, SliceSource, VolumePropagator};
+use sgp_sam2::Sam2Config;
+use sgp_sam2::Sam2Model;
+use sgp_sam2::{Direction, SlicePrompt, SliceSource, VolumePropagator};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,16 +50,14 @@ pub struct Args {
 }
 
 /// Random slices `[3, S, S]` in [0, 1], made on demand (seeded by index).
-struct RandomSlices {
-    n: usize,
-    size: usize,
+pub(crate) struct RandomSlices {
+    pub(crate) n: usize,
+    pub(crate) size: usize,
 }
 
-impl SliceSource for RandomSlices {
-    fn num_slices(&self) -> usize {
-        self.n
-    }
-    fn slice(&self, idx: usize) -> sgp_sam2::Result<Tensor> {
+impl RandomSlices {
+    /// Slice `idx` (any index: supports use indices past the volume's).
+    pub(crate) fn make(&self, idx: usize) -> candle_core::Result<Tensor> {
         let s = self.size;
         let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (idx as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         let v: Vec<f32> = (0..3 * s * s)
@@ -70,18 +68,27 @@ impl SliceSource for RandomSlices {
                 (state >> 40) as f32 / (1u64 << 24) as f32
             })
             .collect();
-        Ok(Tensor::from_vec(v, (3, s, s), &Device::Cpu)?)
+        Tensor::from_vec(v, (3, s, s), &Device::Cpu)
     }
 }
 
-fn config(name: &str, size: usize) -> anyhow::Result<Sam2Config> {
+impl SliceSource for RandomSlices {
+    fn num_slices(&self) -> usize {
+        self.n
+    }
+    fn slice(&self, idx: usize) -> sgp_sam2::Result<Tensor> {
+        Ok(self.make(idx)?)
+    }
+}
+
+pub(crate) fn config(name: &str, size: usize) -> anyhow::Result<Sam2Config> {
     Ok(Sam2Config::preset(name)?
         .with_image_size(size)?
         .with_real_use_settings())
 }
 
 /// Our model on the exchanged weights, or random weights without them.
-fn load_model(cfg: &Sam2Config, weights: Option<&Path>) -> anyhow::Result<Sam2Model> {
+pub(crate) fn load_model(cfg: &Sam2Config, weights: Option<&Path>) -> anyhow::Result<Sam2Model> {
     let dev = Device::Cpu;
     if let Some(w) = weights {
         return Ok(Sam2Model::load(cfg, w, &dev)?);
@@ -130,6 +137,22 @@ fn propagate(model: &Sam2Model, size: usize, slices: usize) -> anyhow::Result<Ve
     Ok(times)
 }
 
+/// Mean ms of the tracked slices (all but the prompted slice 0).
+pub(crate) fn propagate_ms_per_slice(model: &Sam2Model, size: usize, slices: usize) -> anyhow::Result<f64> {
+    let times = propagate(model, size, slices)?;
+    let tracked = if times.len() > 1 { &times[1..] } else { &times[..] };
+    Ok(tracked.iter().sum::<f64>() / tracked.len().max(1) as f64)
+}
+
+/// Runs the PyTorch propagation script with `args`.
+pub(crate) fn python_bench(python: &str, args: &[String]) -> anyhow::Result<std::process::Output> {
+    Command::new(python)
+        .arg(crate::bench::pytorch_script("propagate_pytorch_bench.py"))
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {python}"))
+}
+
 fn vm_hwm_mb() -> anyhow::Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
@@ -137,7 +160,7 @@ fn vm_hwm_mb() -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
-fn last_json(out: &std::process::Output, what: &str) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn last_json(out: &std::process::Output, what: &str) -> anyhow::Result<serde_json::Value> {
     if !out.status.success() {
         bail!("{what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -208,9 +231,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let cfg = config(&args.config, size)?;
         let model = load_model(&cfg, w)?;
-        let times = propagate(&model, size, args.slices)?;
-        let tracked = if times.len() > 1 { &times[1..] } else { &times[..] };
-        let ours_ms = tracked.iter().sum::<f64>() / tracked.len().max(1) as f64;
+        let ours_ms = propagate_ms_per_slice(&model, size, args.slices)?;
         drop(model);
 
         let (mut ours_peak, mut py_peak) = (None, None);

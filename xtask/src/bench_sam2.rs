@@ -18,10 +18,10 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use sgp_sam2::config::Sam2Config;
-use sgp_sam2::model::Sam2Model;
 use sgp_sam2::ops::gelu;
-use sgp_sam2::sam_heads::PointInputs;
+use sgp_sam2::PointInputs;
+use sgp_sam2::Sam2Config;
+use sgp_sam2::Sam2Model;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -144,7 +144,7 @@ fn run_ours(args: &Args, model: &Sam2Model, size: usize) -> anyhow::Result<Timin
     let hi_ref = hi.as_ref().map(|(a, b)| (a, b));
     let dec = time_ms(args.warmup, args.iters, || {
         Ok(model
-            .sam_heads
+            .sam_heads()
             .forward(&pix, Some(&points), None, hi_ref, sgp_sam2::Multimask::Multi)?)
     })?;
     t.insert(("decode".into(), size), dec);
@@ -167,7 +167,7 @@ fn profile_ours(
     t: &mut Timings,
 ) -> anyhow::Result<()> {
     let (w, n) = (args.warmup, args.iters);
-    let trunk = &model.image_encoder.trunk;
+    let trunk = &model.image_encoder().trunk;
     // Hiera: patch embedding + position embedding, then each stage's blocks.
     let mut x = {
         let f = || -> anyhow::Result<Tensor> {
@@ -213,8 +213,12 @@ fn profile_ours(
         for b in blocks {
             let (bb, h, ww, _) = y.dims4()?;
             let normed = Tensor::randn(0f32, 1.0, (bb, h, ww, b.dim), &Device::Cpu)?;
+            // Windowed input of the shape Hiera's window partition gives (H and W padded
+            // up to multiples of the window; values do not matter for timing).
             let win = if b.window_size > 0 {
-                sgp_sam2::hiera::window_partition(&normed, b.window_size)?.0
+                let ws = b.window_size;
+                let windows = h.div_ceil(ws) * ww.div_ceil(ws);
+                Tensor::randn(0f32, 1.0, (bb * windows, ws, ws, b.dim), &Device::Cpu)?
             } else {
                 normed
             };
@@ -235,11 +239,11 @@ fn profile_ours(
         trunk_outs.push(x.permute((0, 3, 1, 2))?.contiguous()?);
         i = j;
     }
-    let neck = || Ok(model.image_encoder.neck.forward(&trunk_outs)?);
+    let neck = || Ok(model.image_encoder().neck.forward(&trunk_outs)?);
     t.insert(("  neck (FPN + pos enc)".into(), size), time_ms(w, n, neck)?);
 
     // Decoder parts.
-    let heads = &model.sam_heads;
+    let heads = model.sam_heads();
     let pe = &heads.prompt_encoder;
     let dec = &heads.mask_decoder;
     let prompt = || Ok(pe.forward(Some((&points.coords, &points.labels)), None, None)?);

@@ -3,10 +3,13 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_head;
 mod bench_propagate;
 mod bench_sam2;
+mod bench_support;
 mod data;
 mod eval;
+mod evaluate;
 mod model_source;
 mod parity;
 mod predict;
@@ -35,6 +38,8 @@ enum Cmd {
     Predict3d(predict3d::Args),
     /// Dataset tools (`data verify`).
     Data(data::Args),
+    /// Evaluate SAM2-SGP on a dataset split (predictions, metrics, Dice table; resumable).
+    Eval(evaluate::Args),
     /// Evaluate a folder of predictions against ground truth.
     #[command(name = "eval-folder")]
     EvalFolder(eval::EvalFolderArgs),
@@ -59,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Predict2d(a) => predict2d::run(a),
         Cmd::Predict3d(a) => predict3d::run(a),
         Cmd::Data(a) => data::run(a),
+        Cmd::Eval(a) => evaluate::run(a),
         Cmd::EvalFolder(a) => eval::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Train(a) => train::run(a),

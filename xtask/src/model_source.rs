@@ -35,7 +35,7 @@ impl DeviceArgs {
     /// The device to run on (`sgp::select_device`: one rule for every command).
     pub fn resolve(&self) -> anyhow::Result<candle_core::Device> {
         let device = sgp::select_device(self.device.as_deref())?;
-        tracing::info!(device = %sgp::device::device_name(&device), "device");
+        tracing::info!(device = %sgp::device_name(&device), "device");
         Ok(device)
     }
 }

@@ -1,5 +1,5 @@
 //! `cargo xtask parity --dir DIR [--save-outputs OUT]`: runs SAM2 parity cases
-//! (format: `shared/specs/sam2-parity-fixtures.md`); exits non-zero on any failure.
+//! (format: `docs/parity-format.md`); exits non-zero on any failure.
 
 use std::path::PathBuf;
 
@@ -8,7 +8,7 @@ pub struct Args {
     /// Folder of cases (folders holding case.json), searched recursively.
     #[arg(long)]
     dir: PathBuf,
-    /// Write every computed output to OUT/<case>/outputs.safetensors.
+    /// Write every computed output to `OUT/<case>/outputs.safetensors`.
     #[arg(long = "save-outputs", value_name = "OUT")]
     save_outputs: Option<PathBuf>,
 }

@@ -40,8 +40,9 @@
 //! Intensity normalisation per modality (CT/MR: percentiles 0.5/99.5 of the volume, or a CT
 //! window; US/photos: min-max), 2D slices along any axis (in-plane convention documented at
 //! [`preprocess::slice_2d`]; orientation as stored, or RAS-canonical through
-//! [`preprocess::Reorientation`]), resize to SAM2's input with ImageNet normalisation and back
-//! (matching torch's `interpolate`), and deterministic seeded patient-level splits.
+//! [`preprocess::Reorientation`]), array resizing (matching torch's `interpolate`), and
+//! deterministic seeded patient-level splits. The model-side transform is
+//! `sgp_sam2::Preprocess`.
 //!
 //! # Integrity check ([`mod@verify`])
 //!

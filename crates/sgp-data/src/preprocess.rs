@@ -1,20 +1,14 @@
-//! Intensity normalisation per modality, slicing, orientation, and resizing to/from SAM2's
-//! input.
+//! Intensity normalisation per modality, slicing, orientation and array resizing.
 //!
 //! The pipeline for one slice is: [`normalize_intensity`] (whole volume, to `[0, 1]`) ->
-//! [`slice_2d`] -> [`to_sam_input`] (resize to `size x size`, grey to 3 channels, ImageNet
-//! mean/std, like SAM2's `SAM2Transforms`: ToTensor, Resize, Normalize) -> model ->
-//! [`logits_to_original`] (bilinear, no antialias, like `postprocess_masks`).
+//! [`slice_2d`] -> the model. The model-side transform (resize to S, ImageNet
+//! normalisation, logits back to the original size) is `sgp_sam2::Preprocess`, the one
+//! copy of SAM2's `SAM2Transforms`; this crate stays free of candle.
 
-use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn};
+use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis, IxDyn};
 
 use crate::dataset::Modality;
 use crate::error::{DataError, Result};
-
-/// SAM2's (ImageNet) per-channel mean, applied to `[0, 1]` RGB.
-pub const SAM_PIXEL_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-/// SAM2's (ImageNet) per-channel standard deviation.
-pub const SAM_PIXEL_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// How raw intensities become `[0, 1]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -327,8 +321,9 @@ fn linear_weights(n_in: usize, n_out: usize, antialias: bool) -> Vec<(usize, Vec
     out
 }
 
-/// Bilinear resize of a 2D image to `(out_h, out_w)`; see [`to_sam_input`] for the antialias
-/// choice.
+/// Bilinear resize of a 2D image to `(out_h, out_w)` like torch's `interpolate`
+/// (`align_corners=False`); `antialias` widens the filter when downsampling, as
+/// torchvision's `Resize` does on tensors.
 pub fn resize_bilinear(img: ArrayView2<'_, f32>, out_h: usize, out_w: usize, antialias: bool) -> Result<Array2<f32>> {
     let (h, w) = img.dim();
     if h == 0 || w == 0 || out_h == 0 || out_w == 0 {
@@ -371,43 +366,6 @@ pub fn resize_nearest<T: Copy>(labels: ArrayView2<'_, T>, out_h: usize, out_w: u
         let x = ((c as f64 * sx).floor() as usize).min(w - 1);
         labels[[y, x]]
     }))
-}
-
-/// A `[0, 1]` grey slice as SAM2 input `(3, size, size)`: resized with antialiased bilinear
-/// (torchvision's `Resize` default on tensors), replicated to RGB, normalised by
-/// [`SAM_PIXEL_MEAN`]/[`SAM_PIXEL_STD`]. The aspect ratio is not kept, as in SAM2.
-pub fn to_sam_input(grey01: ArrayView2<'_, f32>, size: usize) -> Result<Array3<f32>> {
-    let resized = resize_bilinear(grey01, size, size, true)?;
-    let mut out = Array3::<f32>::zeros((3, size, size));
-    for ch in 0..3 {
-        let (m, s) = (SAM_PIXEL_MEAN[ch], SAM_PIXEL_STD[ch]);
-        out.index_axis_mut(Axis(0), ch).assign(&resized.mapv(|v| (v - m) / s));
-    }
-    Ok(out)
-}
-
-/// A `[0, 1]` RGB image `(row, col, 3)` as SAM2 input `(3, size, size)`.
-pub fn to_sam_input_rgb(rgb01: ArrayView3<'_, f32>, size: usize) -> Result<Array3<f32>> {
-    if rgb01.shape()[2] != 3 {
-        return Err(DataError::Shape(format!(
-            "RGB image must be (h, w, 3), got {:?}",
-            rgb01.shape()
-        )));
-    }
-    let mut out = Array3::<f32>::zeros((3, size, size));
-    for ch in 0..3 {
-        let plane = rgb01.index_axis(Axis(2), ch);
-        let resized = resize_bilinear(plane, size, size, true)?;
-        let (m, s) = (SAM_PIXEL_MEAN[ch], SAM_PIXEL_STD[ch]);
-        out.index_axis_mut(Axis(0), ch).assign(&resized.mapv(|v| (v - m) / s));
-    }
-    Ok(out)
-}
-
-/// Mask logits (any resolution, e.g. SAM2's 256x256 low-res masks) back to the original image
-/// size, bilinear without antialias (SAM2's `postprocess_masks`).
-pub fn logits_to_original(logits: ArrayView2<'_, f32>, orig_h: usize, orig_w: usize) -> Result<Array2<f32>> {
-    resize_bilinear(logits, orig_h, orig_w, false)
 }
 
 /// A 3-D view helper: the volume's data as 3-D (2-D images get a trailing axis of 1).

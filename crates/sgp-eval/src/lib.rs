@@ -8,6 +8,20 @@
 //!   (`cargo xtask eval-folder`).
 //!
 //! The metric core takes `ndarray` views and a spacing; only [`folder`] reads files.
+//!
+//! ```rust
+//! use ndarray::Array2;
+//! use sgp_eval::{evaluate_labels, MetricOptions};
+//!
+//! // Ground truth: label 1 on the left half of a 4×4 image; the prediction misses one pixel.
+//! let gt = Array2::from_shape_fn((4, 4), |(_, c)| u16::from(c < 2)).into_dyn();
+//! let mut pred = gt.clone();
+//! pred[[0, 0]] = 0;
+//! let m = evaluate_labels(pred.view(), gt.view(), &[1.0, 1.0], &[1], &MetricOptions::default())?;
+//! assert_eq!(m[0].label, 1);
+//! assert!((m[0].dice.unwrap() - 14.0 / 15.0).abs() < 1e-12); // 2·7 / (7 + 8)
+//! # Ok::<(), sgp_eval::EvalError>(())
+//! ```
 
 #![warn(missing_docs)]
 

@@ -5,8 +5,33 @@
 //! - [`masked_attention`]: attention with a probability-map key bias (soft) or key mask
 //!   (hard), tiled with an online softmax; CPU and, under feature `cuda`, CUDA; with backward.
 //! - [`testing`]: the comparison helpers the workspace's tests share.
+//!
+//! The two kernel families keep their module paths (`resize::bilinear` says what it is);
+//! errors are at the root.
+//!
+//! ```rust
+//! use candle_core::{Device, Tensor};
+//! use sgp_kernels::masked_attention::{masked_attention, naive_masked_attention, MaskedAttentionOptions};
+//!
+//! let dev = Device::Cpu;
+//! let q = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev)?; // [B, H, Lq, D]
+//! let k = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev)?;
+//! let v = Tensor::randn(0f32, 1.0, (1, 2, 6, 8), &dev)?;
+//! let p = Tensor::new(&[[1f32, 0.9, 0.5, 0.1, 0.0, 1.0]], &dev)?; // key probabilities [B, Lk]
+//! let opts = MaskedAttentionOptions::default(); // soft bias ln(max(p, eps))
+//! let fused = masked_attention(&q, &k, &v, &p, &opts)?;
+//! let reference = naive_masked_attention(&q, &k, &v, &p, &opts)?;
+//! assert!(sgp_kernels::testing::max_abs_diff(&fused, &reference)? < 1e-5);
+//!
+//! // PyTorch's antialiased bilinear downsampling (`F.interpolate(..., antialias=True)`).
+//! let small = sgp_kernels::resize::bilinear_antialias(&Tensor::ones((1, 1, 8, 8), candle_core::DType::F32, &dev)?, 3, 3)?;
+//! assert_eq!(small.dims(), [1, 1, 3, 3]);
+//! # Ok::<(), sgp_kernels::Error>(())
+//! ```
 
-pub mod error;
+#![warn(missing_docs)]
+
+mod error;
 pub mod masked_attention;
 pub mod resize;
 pub mod testing;

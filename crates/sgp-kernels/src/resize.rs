@@ -12,7 +12,7 @@
 //!
 //! All take `x` of shape `[N, C, H, W]` (any float dtype; computed in f32, returned in
 //! `x`'s dtype and device) and return `[N, C, h, w]`. Non-4D input or a zero size is an
-//! [`Error::Shape`](crate::Error::Shape), never a panic.
+//! [`crate::Error::Shape`], never a panic.
 //!
 //! Numerics follow ATen's CPU kernels (`UpSampleKernel.cpp`): f32 scales `in/out` (or
 //! `(in-1)/(out-1)` with align_corners), cubic coefficient A = -0.75 with border-clamped

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
-use sgp_sam2::adapt::{AdaptableLinear, AdaptableModel, LinearAdapter};
+use sgp_sam2::{AdaptableLinear, AdaptableModel, LinearAdapter};
 use sha2::{Digest, Sha256};
 
 use crate::config::LoraConfig;
@@ -24,9 +24,12 @@ pub fn var_name(path: &str, chunk: usize, which: AOrB) -> String {
     format!("{path}.{ab}.{chunk}")
 }
 
+/// Which of an adapter's two factors a name refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AOrB {
+    /// The down-projection `A [r, in]`.
     A,
+    /// The up-projection `B [out, r]`.
     B,
 }
 
@@ -150,6 +153,7 @@ impl Lora {
         })
     }
 
+    /// The configuration the adapters were created (or loaded) with.
     pub fn config(&self) -> &LoraConfig {
         &self.config
     }
@@ -160,6 +164,7 @@ impl Lora {
         &self.varmap
     }
 
+    /// Every A and B variable (the same as `varmap().all_vars()`).
     pub fn trainable_vars(&self) -> Vec<Var> {
         self.varmap.all_vars()
     }
@@ -174,6 +179,7 @@ impl Lora {
         self.layers.iter().map(|l| l.adapter.layer()).collect()
     }
 
+    /// The attached adapters, sorted by layer path.
     pub fn adapters(&self) -> impl Iterator<Item = &Arc<LoraLinear>> {
         self.layers.iter().map(|l| &l.adapter)
     }
@@ -186,6 +192,7 @@ impl Lora {
         self.train.store(train, Ordering::Relaxed);
     }
 
+    /// Whether training mode is on ([`Lora::set_train`]).
     pub fn is_train(&self) -> bool {
         self.train.load(Ordering::Relaxed)
     }
@@ -195,6 +202,7 @@ impl Lora {
         &self.base_hash
     }
 
+    /// Whether [`Lora::merge`] folded the adapters into the base weights.
     pub fn is_merged(&self) -> bool {
         self.merged
     }

@@ -42,16 +42,19 @@ impl LoraConfig {
         }
     }
 
+    /// Replaces the default targets ([`Target::hiera_qv`]).
     pub fn with_targets(mut self, targets: Vec<Target>) -> Self {
         self.targets = targets;
         self
     }
 
+    /// Dropout on the adapter input in training mode (0 = off).
     pub fn with_dropout(mut self, dropout: f32) -> Self {
         self.dropout = dropout;
         self
     }
 
+    /// Seed of the A initialisation and of dropout, for reproducible runs.
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
@@ -62,6 +65,7 @@ impl LoraConfig {
         self.alpha / self.rank as f64
     }
 
+    /// Checks rank > 0, a finite alpha, dropout in [0, 1) and non-empty targets.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
             return Err(LoraError::InvalidConfig("rank must be positive".into()));

@@ -11,6 +11,7 @@ use crate::target::resolve;
 /// The shape-determining part of a Hiera trunk config (`sam2.modeling.backbones.hieradet.Hiera`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HieraDims {
+    /// Width of the first stage.
     pub embed_dim: usize,
     /// Blocks per stage.
     pub stages: Vec<usize>,
@@ -109,9 +110,9 @@ impl HieraDims {
     }
 }
 
-impl From<&sgp_sam2::config::HieraConfig> for HieraDims {
+impl From<&sgp_sam2::HieraConfig> for HieraDims {
     /// Hiera's MLP ratio is fixed at 4 (`MultiScaleBlock`'s default, used by every config).
-    fn from(cfg: &sgp_sam2::config::HieraConfig) -> Self {
+    fn from(cfg: &sgp_sam2::HieraConfig) -> Self {
         Self {
             embed_dim: cfg.embed_dim,
             stages: cfg.stages.clone(),
@@ -204,7 +205,7 @@ mod tests {
             ("b+", HieraDims::base_plus()),
             ("l", HieraDims::large()),
         ] {
-            let cfg = sgp_sam2::config::Sam2Config::preset(&format!("sam2.1_hiera_{name}")).unwrap();
+            let cfg = sgp_sam2::Sam2Config::preset(&format!("sam2.1_hiera_{name}")).unwrap();
             assert_eq!(HieraDims::from(&cfg.image_encoder.trunk), dims, "hiera_{name}");
         }
     }

@@ -13,25 +13,29 @@
 //! shapes or base hash differ.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::Tensor;
-use sgp_sam2::adapt::AdaptableModel;
+use sgp_sam2::AdaptableModel;
 
 use crate::adapters::{var_name, AOrB, Lora};
 use crate::config::LoraConfig;
 use crate::error::{LoraError, Result};
 use crate::target::{ResolvedLayer, Target};
 
+/// The `format` metadata value; a file with another value is refused.
 pub const FORMAT: &str = "sgp-lora/1";
 
 /// What an adapter file says about itself, without its tensors.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterFileInfo {
+    /// Rank, alpha, dropout, seed and targets the adapters were trained with.
     pub config: LoraConfig,
+    /// The layers the targets resolved to on the training model.
     pub layers: Vec<ResolvedLayer>,
+    /// Fingerprint of the targeted base weights ([`crate::base_hash_of`]).
     pub base_hash: String,
+    /// Free-form name of the base model (may be empty).
     pub base_model_id: String,
 }
 
@@ -216,22 +220,12 @@ fn read_info_from_bytes(bytes: &[u8]) -> Result<AdapterFileInfo> {
     })
 }
 
-/// Writes `bytes` to a temp file next to `path`, syncs it and renames it over `path`,
-/// so a reader never sees a half-written file.
+/// [`sgp_sam2::write_atomic`], with the error in this crate's enum.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io_err = |source| LoraError::Io {
+    sgp_sam2::write_atomic(path, bytes).map_err(|source| LoraError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
-    tmp.write_all(bytes).map_err(io_err)?;
-    tmp.as_file().sync_all().map_err(io_err)?;
-    tmp.persist(path).map_err(|e| io_err(e.error))?;
-    Ok(())
+    })
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {

@@ -5,19 +5,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result as CandleResult, Shape, Tensor, Var};
-use sgp_sam2::adapt::LinearAdapter;
+use sgp_sam2::LinearAdapter;
 
 use crate::target::ResolvedLayer;
 
 /// One adapted chunk of the output: `A [r, in]`, `B [chunk_out, r]`.
 #[derive(Debug, Clone)]
 pub struct LoraChunk {
+    /// Index of the output chunk this adapter corrects (e.g. 0 = q, 2 = v of a fused qkv).
     pub chunk: usize,
+    /// `A [r, in]`, Kaiming-uniform at start.
     pub a: Var,
+    /// `B [chunk_out, r]`, zero at start.
     pub b: Var,
 }
 
-/// LoRA on one linear layer. Attached to an [`sgp_sam2::adapt::AdaptableLinear`], whose
+/// LoRA on one linear layer. Attached to an [`sgp_sam2::AdaptableLinear`], whose
 /// base weight stays frozen; only the `A`/`B` variables train.
 #[derive(Debug)]
 pub struct LoraLinear {
@@ -50,14 +53,17 @@ impl LoraLinear {
         }
     }
 
+    /// The adapted layer and the chunks it corrects.
     pub fn layer(&self) -> &ResolvedLayer {
         &self.layer
     }
 
+    /// The adapters, one per selected chunk, in `layer().selected` order.
     pub fn chunks(&self) -> &[LoraChunk] {
         &self.chunks
     }
 
+    /// `alpha / r`, the factor on `B A x`.
     pub fn scale(&self) -> f64 {
         self.scale
     }

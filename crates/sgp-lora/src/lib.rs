@@ -5,24 +5,42 @@
 //! initialised like PyTorch/peft (`kaiming_uniform_(a=sqrt(5))`) and `B` (`[out, r]`)
 //! starts at zero, so a fresh adapter leaves the model's output exactly unchanged.
 //!
-//! Adapters attach through the seam of `sgp_sam2::adapt`: every targetable layer is an
-//! [`sgp_sam2::adapt::AdaptableLinear`] and models list them by checkpoint path
-//! ([`sgp_sam2::adapt::AdaptableModel`]). The base weights are never trainable: only
+//! Adapters attach through sgp-sam2's LoRA seam: every targetable layer is an
+//! [`sgp_sam2::AdaptableLinear`] and models list them by checkpoint path
+//! ([`sgp_sam2::AdaptableModel`]). The base weights are never trainable: only
 //! A and B live in the [`candle_nn::VarMap`] returned by [`Lora::varmap`].
 //!
-//! ```no_run
-//! # fn demo(model: &mut impl sgp_sam2::adapt::AdaptableModel) -> sgp_lora::Result<()> {
-//! use sgp_lora::{Lora, LoraConfig};
-//! let mut lora = Lora::attach(model, LoraConfig::new(16, 16.0))?; // q and v of every block
+//! ```rust
+//! use candle_core::{DType, Device};
+//! use sgp_lora::{count_trainable, HieraDims, Lora, LoraConfig};
+//! use sgp_sam2::{Sam2Config, Sam2Model};
+//!
+//! // A reduced SAM2.1 (zero weights stand in for a checkpoint).
+//! let mut cfg = Sam2Config::preset("sam2.1_hiera_t")?.with_image_size(64)?;
+//! let trunk = &mut cfg.image_encoder.trunk;
+//! trunk.embed_dim = 16;
+//! trunk.stages = vec![1, 2, 2, 1];
+//! trunk.global_att_blocks = vec![4];
+//! trunk.window_pos_embed_bkg_spatial_size = [5, 5];
+//! trunk.window_spec = vec![8, 4, 6, 2];
+//! cfg.image_encoder.neck.backbone_channel_list = vec![128, 64, 32, 16];
+//! let mut model = Sam2Model::new(&cfg, candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu))?;
+//!
+//! let mut lora = Lora::attach(&mut model, LoraConfig::new(4, 4.0))?; // q and v of every block
+//! let dims = HieraDims::from(&cfg.image_encoder.trunk);
+//! assert_eq!(lora.num_trainable_params(), count_trainable(&dims, lora.config())?);
 //! lora.set_train(true);
 //! // ... AdamW over lora.varmap().all_vars() ...
-//! lora.save("adapters.safetensors", "sam2.1_hiera_small")?;
-//! lora.merge(model)?; // inference at the base model's cost
-//! # Ok(()) }
+//! lora.set_train(false);
+//! let file = std::env::temp_dir().join(format!("sgp-lora-doc-{}.safetensors", std::process::id()));
+//! lora.save(&file, "reduced sam2.1_hiera_t")?;
+//! lora.merge(&mut model)?; // inference at the base model's cost
+//! # std::fs::remove_file(&file)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
 //! # Targets
-//! See [`target`] for the pattern syntax. The default ([`Target::hiera_qv`], the
+//! See [`Target`] for the pattern syntax. The default ([`Target::hiera_qv`], the
 //! paper's) adapts the q and v chunks of every Hiera block's fused `qkv`, including the
 //! blocks where the width changes (there `qkv` maps `dim -> 3·dim_out`, and q and v
 //! are rows `[0, dim_out)` and `[2·dim_out, 3·dim_out)`). q and v get separate adapters.
@@ -63,20 +81,23 @@
 //!
 //! # Files
 //! [`Lora::save`] / [`Lora::load`]: safetensors with rank, alpha, targets, resolved
-//! layers and a hash of the targeted base weights in the metadata (see [`io`]).
+//! layers and a hash of the targeted base weights in the metadata ([`read_info`] reads
+//! it back without the tensors).
 
-pub mod adapters;
-pub mod config;
-pub mod count;
-pub mod error;
-pub mod io;
-pub mod layer;
-pub mod target;
+#![warn(missing_docs)]
+
+mod adapters;
+mod config;
+mod count;
+mod error;
+mod io;
+mod layer;
+mod target;
 
 pub use adapters::{base_hash_of, var_name, AOrB, Lora};
 pub use config::LoraConfig;
 pub use count::{count_trainable, trainable_table, HieraDims};
 pub use error::{LoraError, Result};
 pub use io::{read_info, AdapterFileInfo};
-pub use layer::LoraLinear;
+pub use layer::{LoraChunk, LoraLinear};
 pub use target::{resolve, ResolvedLayer, Target};

@@ -1,21 +1,5 @@
-//! Which layers get adapters: module-path patterns, and which slices of their output.
-//!
-//! # Pattern syntax
-//! A module path is a dot-separated list of segments, e.g.
-//! `image_encoder.trunk.blocks.3.attn.qkv`. A pattern is matched segment by segment:
-//! - a literal segment matches itself;
-//! - `*` inside a segment matches any run of characters except `.` (so `blocks.*.attn`
-//!   matches every block, `layers.[01]` is *not* supported: keep it simple);
-//! - a whole segment `**` matches zero or more segments.
-//!
-//! # Fused outputs
-//! Hiera's attention computes q, k and v with one fused linear `qkv` (output
-//! `[q | k | v]`, three equal chunks). A target may adapt only some chunks:
-//! `PATTERN[0,2/3]` splits the output into 3 equal chunks and adapts chunks 0 (q) and 2
-//! (v), each with its own A and B. `PATTERN[q,v]` is shorthand for that three-chunk
-//! split (`q`, `k`, `v` = chunks 0, 1, 2). A target without brackets adapts the whole
-//! output. In blocks where Hiera changes width, `qkv` maps `dim -> 3*dim_out`, so the
-//! q chunk is rows `[0, dim_out)` and the v chunk rows `[2*dim_out, 3*dim_out)`.
+//! Which layers get adapters: module-path patterns, and which slices of their output
+//! (syntax in [`Target`]'s docs).
 
 use std::fmt;
 use std::ops::Range;
@@ -24,6 +8,23 @@ use std::str::FromStr;
 use crate::error::{LoraError, Result};
 
 /// A module-path pattern plus the chunks of the layer's output to adapt.
+///
+/// # Pattern syntax
+/// A module path is a dot-separated list of segments, e.g.
+/// `image_encoder.trunk.blocks.3.attn.qkv`. A pattern is matched segment by segment:
+/// - a literal segment matches itself;
+/// - `*` inside a segment matches any run of characters except `.` (so `blocks.*.attn`
+///   matches every block, `layers.[01]` is *not* supported: keep it simple);
+/// - a whole segment `**` matches zero or more segments.
+///
+/// # Fused outputs
+/// Hiera's attention computes q, k and v with one fused linear `qkv` (output
+/// `[q | k | v]`, three equal chunks). A target may adapt only some chunks:
+/// `PATTERN[0,2/3]` splits the output into 3 equal chunks and adapts chunks 0 (q) and 2
+/// (v), each with its own A and B. `PATTERN[q,v]` is shorthand for that three-chunk
+/// split (`q`, `k`, `v` = chunks 0, 1, 2). A target without brackets adapts the whole
+/// output. In blocks where Hiera changes width, `qkv` maps `dim -> 3*dim_out`, so the
+/// q chunk is rows `[0, dim_out)` and the v chunk rows `[2*dim_out, 3*dim_out)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pattern: String,
@@ -101,14 +102,17 @@ impl Target {
         }
     }
 
+    /// The glob over checkpoint paths (`*` one segment, `**` any number).
     pub fn pattern(&self) -> &str {
         &self.pattern
     }
 
+    /// How many equal fused parts the layer's output splits into (3 for `qkv`).
     pub fn chunks(&self) -> usize {
         self.chunks
     }
 
+    /// The chunks that get an adapter.
     pub fn selected(&self) -> &[usize] {
         &self.selected
     }
@@ -245,8 +249,11 @@ fn match_segment(p: &[u8], s: &[u8]) -> bool {
 /// A layer selected by the targets, with the output rows each adapter corrects.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResolvedLayer {
+    /// Checkpoint path of the linear layer.
     pub path: String,
+    /// Input features.
     pub in_dim: usize,
+    /// Output features (all chunks).
     pub out_dim: usize,
     /// Chunks the output is split into (1 = whole output).
     pub chunks: usize,

@@ -10,16 +10,16 @@ use common::sam2::{random_vb, tiny_sam2_config};
 use common::{assert_bit_identical, snapshot, values, Rng};
 use sgp_kernels::testing::max_abs_diff;
 use sgp_lora::{count_trainable, HieraDims, Lora, LoraConfig, Target};
-use sgp_sam2::adapt::AdaptableModel;
-use sgp_sam2::image_encoder::ImageEncoder;
-use sgp_sam2::model::{PromptInput, Sam2Model};
+use sgp_sam2::AdaptableModel;
+use sgp_sam2::ImageEncoder;
+use sgp_sam2::{PromptInput, Sam2Model};
 
 fn tiny_model() -> Sam2Model {
     Sam2Model::new(&tiny_sam2_config(), random_vb(11, DType::F32)).expect("tiny SAM2")
 }
 
 fn dims_of(model: &Sam2Model) -> HieraDims {
-    HieraDims::from(&model.config.image_encoder.trunk)
+    HieraDims::from(&model.config().image_encoder.trunk)
 }
 
 /// Every base tensor LoRA could touch (all adaptable linears) plus the trunk's own.
@@ -30,7 +30,7 @@ fn base_tensors(model: &mut Sam2Model) -> Vec<Tensor> {
         .flat_map(|(_, l)| [Some(l.weight().clone()), l.bias().cloned()])
         .flatten()
         .collect();
-    let trunk = &model.image_encoder.trunk;
+    let trunk = &model.image_encoder().trunk;
     ts.push(trunk.pos_embed.clone());
     ts.push(trunk.patch_embed.weight().clone());
     ts
@@ -159,7 +159,7 @@ fn lora_vars(lora: &Lora) -> Vec<(String, Var)> {
 
 /// Finite-difference check of the LoRA gradients through the image encoder built from
 /// `cfg` (f64), on adapters of q/v and both MLP layers of every block.
-fn gradcheck_image_encoder(cfg: &sgp_sam2::config::Sam2Config, through_neck: bool) -> (f64, usize, usize) {
+fn gradcheck_image_encoder(cfg: &sgp_sam2::Sam2Config, through_neck: bool) -> (f64, usize, usize) {
     let mut encoder = ImageEncoder::new(&cfg.image_encoder, random_vb(11, DType::F64).pp("image_encoder")).unwrap();
     let config = LoraConfig::new(2, 4.0).with_targets(vec![Target::hiera_qv(), Target::hiera_mlp()]);
     let lora = Lora::attach(&mut encoder, config).unwrap();

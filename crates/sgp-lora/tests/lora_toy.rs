@@ -8,7 +8,7 @@ use candle_nn::Optimizer;
 use common::{assert_bit_identical, snapshot, values, Rng, ToyModel};
 use sgp_kernels::testing::max_abs_diff;
 use sgp_lora::{count_trainable, HieraDims, Lora, LoraConfig, LoraError, Target};
-use sgp_sam2::adapt::AdaptableModel;
+use sgp_sam2::AdaptableModel;
 
 /// Widths like a mini Hiera: a stage change in block 1 and block 3.
 const DIMS: [(usize, usize); 4] = [(8, 8), (8, 16), (16, 16), (16, 32)];

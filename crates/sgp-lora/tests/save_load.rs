@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::{assert_bit_identical, Rng, ToyModel};
 use sgp_lora::{read_info, Lora, LoraConfig, LoraError, Target};
-use sgp_sam2::adapt::AdaptableModel;
+use sgp_sam2::AdaptableModel;
 
 const DIMS: [(usize, usize); 3] = [(8, 8), (8, 16), (16, 16)];
 

@@ -21,9 +21,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::Tensor;
-use sgp_sam2::model::Sam2Model;
-use sgp_sam2::propagation::{MemoryBankPolicy, PolicyContext, Sam2Policy};
-use sgp_sam2::track::{select_closest_cond_frames, FrameOutput, MemoryBank, MemorySelection};
+use sgp_sam2::Sam2Model;
+use sgp_sam2::{select_closest_cond_frames, FrameOutput, MemoryBank, MemorySelection};
+use sgp_sam2::{MemoryBankPolicy, PolicyContext, Sam2Policy};
 
 use crate::select::cosine;
 use crate::{Error, Result};
@@ -90,7 +90,7 @@ fn select_all<'b>(
     ctx: &PolicyContext,
     bank: &'b MemoryBank,
 ) -> sgp_sam2::Result<MemorySelection<'b>> {
-    let cfg = &model.config;
+    let cfg = model.config();
     let f = ctx.frame_idx as i64;
     let cond: Vec<usize> = bank.cond_frame_outputs.keys().copied().collect();
     if cond.is_empty() {

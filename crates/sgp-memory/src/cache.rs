@@ -20,7 +20,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use sgp_sam2::model::Sam2Model;
+use sgp_sam2::Sam2Model;
 use sha2::{Digest, Sha256};
 
 use crate::support::{encode_support, EncodedSupport, SupportFeatures, SupportItem, SupportMemory};
@@ -62,7 +62,7 @@ impl WeightsId {
     /// deterministic probe support's encoding. It changes whenever a weight that matters
     /// to supports changes (LoRA merges included), at the cost of one encoding.
     pub fn of_model(model: &Sam2Model) -> Result<Self> {
-        let s = model.config.image_size;
+        let s = model.config().image_size;
         let dev = model.device();
         let img: Vec<f32> = (0..3 * s * s).map(|i| ((i as f32) * 0.618_034).sin() * 1.5).collect();
         let c = s as f32 / 2.0;
@@ -107,7 +107,7 @@ impl CacheKey {
         };
         field(&mut h, ENTRY_FORMAT.as_bytes());
         field(&mut h, weights.as_str().as_bytes());
-        let cfg = serde_json::to_string(&model.config).map_err(|e| Error::Cache(format!("config: {e}")))?;
+        let cfg = serde_json::to_string(model.config()).map_err(|e| Error::Cache(format!("config: {e}")))?;
         field(&mut h, cfg.as_bytes());
         field(&mut h, preprocess.as_bytes());
         field(&mut h, format!("{:?}", item.image.dims()).as_bytes());
@@ -174,13 +174,13 @@ struct EntryShape {
 
 impl EntryShape {
     fn of(model: &Sam2Model) -> Self {
-        let s = model.config.image_size;
+        let s = model.config().image_size;
         Self {
-            c: model.hidden_dim,
-            mem_dim: model.mem_dim,
+            c: model.hidden_dim(),
+            mem_dim: model.mem_dim(),
             e: s / 16,
             s,
-            high_res: model.num_feature_levels == 3,
+            high_res: model.num_feature_levels() == 3,
         }
     }
 }

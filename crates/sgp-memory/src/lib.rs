@@ -14,6 +14,27 @@
 //! * [`label_map`] / [`segment_query`]: all classes in one run.
 //!
 //! This crate depends on sgp-sam2 and sgp-kernels only, so other projects can use it alone.
+//!
+//! Selection needs only the pooled embeddings:
+//!
+//! ```rust
+//! use std::collections::BTreeSet;
+//! use sgp_memory::{select_supports, Candidate, Query, Selection};
+//!
+//! let lv: BTreeSet<u32> = [3].into();
+//! let none = BTreeSet::new();
+//! let pool = [
+//!     Candidate { embedding: &[1.0, 0.0], case_id: "p1", classes: &lv },
+//!     Candidate { embedding: &[0.9, 0.1], case_id: "p2", classes: &lv },
+//!     Candidate { embedding: &[0.6, 0.8], case_id: "p3", classes: &lv },
+//!     Candidate { embedding: &[1.0, 0.0], case_id: "p4", classes: &none }, // no LV: never chosen
+//! ];
+//! // The query comes from patient p1, so p1's own slice is left out.
+//! let query = Query { embedding: &[1.0, 0.0], case_id: Some("p1"), class: 3 };
+//! let chosen = select_supports(&pool, &query, 2, Selection::TopK)?;
+//! assert_eq!(chosen, [2, 1]); // least → most similar: the best support sits nearest the query
+//! # Ok::<(), sgp_memory::Error>(())
+//! ```
 
 #![warn(missing_docs)]
 

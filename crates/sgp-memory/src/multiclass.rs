@@ -5,7 +5,7 @@
 //! probabilities, and background (0) wherever every class is below 0.5.
 
 use candle_core::{DType, Tensor};
-use sgp_sam2::model::Sam2Model;
+use sgp_sam2::Sam2Model;
 
 use crate::pmg::{Pmg, PmgOutput};
 use crate::support::{image_features, repeat_features};
@@ -77,7 +77,7 @@ pub fn segment_query(
     refine: &mut dyn FnMut(&PmgOutput) -> Result<Tensor>,
 ) -> Result<MultiClassPrediction> {
     let _span = tracing::debug_span!("segment_query", classes = supports.classes().len()).entered();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     if query.dims() != [3, s, s] {
         return Err(Error::Input(format!(
             "the query must be a [3,{s},{s}] model input, got {:?}",

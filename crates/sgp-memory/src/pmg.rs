@@ -11,8 +11,8 @@
 //! sgp-sam2's forward code, which switches to gradient-carrying ops on tracked inputs.
 
 use candle_core::Tensor;
-use sgp_sam2::model::{PreparedFeatures, Sam2Model};
-use sgp_sam2::track::{FrameOutput, MemoryBank, MemorySelection};
+use sgp_sam2::{FrameOutput, MemoryBank, MemorySelection};
+use sgp_sam2::{PreparedFeatures, Sam2Model};
 
 use crate::support::{seq_to_map, SupportMemory};
 use crate::{Error, Result};
@@ -217,11 +217,11 @@ impl<'m> Pmg<'m> {
         let pix = self
             .model
             .memory_conditioned_features(query, Some(selection), num_frames)?;
-        let multimask = self.model.multimask(self.model.sam_heads.cfg.use_multimask(false, 0));
-        let out = self
-            .model
-            .sam_heads
-            .forward(&pix, None, None, high_res.as_ref().map(|(a, b)| (a, b)), multimask)?;
+        let multimask = self.model.multimask(self.model.sam_heads().cfg.use_multimask(false, 0));
+        let out =
+            self.model
+                .sam_heads()
+                .forward(&pix, None, None, high_res.as_ref().map(|(a, b)| (a, b)), multimask)?;
         Ok(PmgOutput {
             pix_feat_with_mem: pix,
             pred_masks: out.low_res_masks,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use sgp_sam2::model::Sam2Model;
+use sgp_sam2::Sam2Model;
 
 use crate::cache::{CacheKey, SupportCache, WeightsId};
 use crate::select::{select_supports, Candidate, Query, Selection};
@@ -45,7 +45,7 @@ impl<'m> SupportPool<'m> {
 
     /// Adds an item (checked against the model's input size); returns its pool index.
     pub fn push(&mut self, item: SupportItem) -> Result<usize> {
-        validate_item(&item, self.model.config.image_size)?;
+        validate_item(&item, self.model.config().image_size)?;
         let key = CacheKey::new(self.model, &self.weights, &self.preprocess, &item)?;
         self.classes.push(item.masks.keys().copied().collect());
         self.items.push(item);

@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use sgp_sam2::model::{PreparedFeatures, Sam2Model};
-use sgp_sam2::track::{pooled_embedding, FrameOutput, FramePrompt};
+use sgp_sam2::{pooled_embedding, FrameOutput, FramePrompt};
+use sgp_sam2::{PreparedFeatures, Sam2Model};
 
 use crate::{Error, Result};
 
@@ -174,7 +174,7 @@ pub fn pooled_of(feats: &PreparedFeatures) -> Result<Tensor> {
 /// conditioning frame in one batch. This is the expensive step the cache avoids.
 pub fn encode_support(model: &Sam2Model, item: &SupportItem) -> Result<EncodedSupport> {
     let _span = tracing::debug_span!("encode_support", case = %item.case_id).entered();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     validate_item(item, s)?;
     let dev = model.device();
     let x = item.image.to_device(dev)?.to_dtype(DType::F32)?.unsqueeze(0)?;

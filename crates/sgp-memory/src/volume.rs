@@ -20,9 +20,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use sgp_sam2::model::{PreparedFeatures, Sam2Model};
-use sgp_sam2::propagation::{Direction, MemoryBankPolicy, PolicyContext};
-use sgp_sam2::track::{FrameOutput, MemoryBank};
+use sgp_sam2::{Direction, MemoryBankPolicy, PolicyContext};
+use sgp_sam2::{FrameOutput, MemoryBank};
+use sgp_sam2::{PreparedFeatures, Sam2Model};
 
 use crate::bank::BankKind;
 use crate::pmg::{conditioning_bank, Pmg, PmgOutput};
@@ -373,7 +373,7 @@ impl<'m> SupportPropagator<'m> {
     }
 
     fn features(&mut self, slices: &dyn QuerySlices, idx: usize) -> Result<PreparedFeatures> {
-        let s = self.model.config.image_size;
+        let s = self.model.config().image_size;
         let x = slices.slice(idx)?;
         if x.dims() != [3, s, s] {
             return Err(Error::Input(format!(

@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use sgp_memory::{BankKind, FifoBank, SimilarityBank};
-use sgp_sam2::propagation::{MemoryBankPolicy, PolicyContext};
-use sgp_sam2::track::{FrameOutput, MemoryBank};
+use sgp_sam2::{FrameOutput, MemoryBank};
+use sgp_sam2::{MemoryBankPolicy, PolicyContext};
 
 fn frame(v: f32) -> FrameOutput {
     let t = |shape: &[usize]| Tensor::full(v, shape, &Device::Cpu).unwrap();

@@ -15,7 +15,7 @@ use sgp_sam2::Sam2Model;
 /// One full "predict": a pool over `dir`, top-k selection for a query, PMG. Returns the
 /// pseudo-mask, the number of encoder calls and the cache statistics.
 fn predict(model: &Sam2Model, dir: &Path) -> (Tensor, usize, sgp_memory::CacheStats) {
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let mut pool = SupportPool::new(
         model,
         WeightsId::new("reduced-s64"),
@@ -65,7 +65,7 @@ fn second_run_hits_the_disk_cache_with_bit_identical_output() {
     assert!(bit_equal(&first, &second), "cached supports change the output");
 
     // Another weights id is another key: nothing is reused.
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let mut other = SupportPool::new(
         &model,
         WeightsId::new("other"),
@@ -116,7 +116,7 @@ fn corrupt_and_stale_entries_are_recomputed() {
 #[test]
 fn memory_and_disk_levels_are_bounded() {
     let model = reduced_model();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let dir = tempfile::tempdir().unwrap();
     let mut pool = SupportPool::new(
         &model,

@@ -89,7 +89,7 @@ fn read_case(name: &str, s: usize) -> Case {
 #[test]
 fn two_classes_in_one_run_on_the_demo_scans() {
     let model = reduced_model();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let lung1 = read_case("lung1", s);
     let lung2 = read_case("lung2", s);
 

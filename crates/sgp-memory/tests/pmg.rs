@@ -13,8 +13,8 @@ use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use sgp_memory::support::{image_features, repeat_features};
 use sgp_memory::{encode_support, Pmg, SupportMemory};
-use sgp_sam2::config::Sam2Config;
-use sgp_sam2::model::Sam2Model;
+use sgp_sam2::Sam2Config;
+use sgp_sam2::Sam2Model;
 use sgp_sam2::{FramePrompt, MemoryBank, TrackRequest};
 
 /// The reference: SAM2's own `track_step` over the supports, then the query.
@@ -58,7 +58,7 @@ fn reference(model: &Sam2Model, supports: &[(Tensor, Tensor)], query: &Tensor) -
 #[test]
 fn pmg_matches_track_step_composition_batched_over_queries_and_classes() {
     let model = reduced_model();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let items: Vec<_> = (0..3).map(|i| item(i, s, &format!("case{i}"), true)).collect();
     let enc: Vec<_> = items.iter().map(|it| encode_support(&model, it).unwrap()).collect();
     let queries = [image(10, s), image(11, s)];
@@ -93,7 +93,7 @@ fn pmg_matches_track_step_composition_batched_over_queries_and_classes() {
         Tensor::cat(&v, 1).unwrap()
     };
     let levels = feats[0].vision_feats.len();
-    let batched = sgp_sam2::model::PreparedFeatures {
+    let batched = sgp_sam2::PreparedFeatures {
         vision_feats: (0..levels).map(|l| cat(l, false)).collect(),
         vision_pos_embeds: (0..levels).map(|l| cat(l, true)).collect(),
         feat_sizes: feats[0].feat_sizes.clone(),
@@ -135,7 +135,7 @@ fn tracked_model() -> (Sam2Model, VarMap) {
     let dir = fixture_dir();
     let cfg = Sam2Config::from_file(&dir.join("config.json")).unwrap();
     let dev = Device::Cpu;
-    let st = sgp_sam2::weights::load_state_dict(&dir.join("weights.safetensors"), &dev).unwrap();
+    let st = sgp_sam2::load_state_dict(&dir.join("weights.safetensors"), &dev).unwrap();
     let varmap = VarMap::new();
     {
         let mut data = varmap.data().lock().unwrap();
@@ -150,7 +150,7 @@ fn tracked_model() -> (Sam2Model, VarMap) {
 #[test]
 fn pmg_gradients_reach_parameters_and_match_finite_differences() {
     let (model, varmap) = tracked_model();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let items: Vec<_> = (0..2).map(|i| item(i, s, "c", false)).collect();
     let query = image(7, s);
     let weight = Tensor::from_vec(

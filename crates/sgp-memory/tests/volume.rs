@@ -16,7 +16,7 @@ use sgp_memory::{
 use sgp_sam2::{Direction, FramePrompt, MemoryBank, Sam2Model, TrackRequest};
 
 fn supports(model: &Sam2Model, k: usize, two_classes: bool) -> Vec<sgp_memory::EncodedSupport> {
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     (0..k)
         .map(|i| encode_support(model, &item(i as u64, s, "sup", two_classes)).unwrap())
         .collect()
@@ -35,7 +35,7 @@ fn class_supports(enc: &[sgp_memory::EncodedSupport], classes: &[u32]) -> ClassS
 #[test]
 fn sam2_bank_with_identity_refine_is_the_official_composition() {
     let model = reduced_model();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let (k, t) = (2usize, 9usize);
     let items: Vec<_> = (0..k).map(|i| item(i as u64, s, "sup", false)).collect();
     let frames: Vec<Tensor> = (0..t).map(|i| image(100 + i as u64, s)).collect();
@@ -101,7 +101,7 @@ fn volume(n: usize, s: usize) -> Vec<Tensor> {
 #[test]
 fn bank_memory_is_flat_in_the_number_of_slices() {
     let model = reduced_model();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let enc = supports(&model, 2, false);
     let cs = class_supports(&enc, &[1]);
     let long = volume(100, s);
@@ -141,7 +141,7 @@ fn bank_memory_is_flat_in_the_number_of_slices() {
 #[test]
 fn both_ways_starts_at_the_most_confident_slice_and_emits_each_slice_once() {
     let model = reduced_model();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let enc = supports(&model, 2, true);
     let cs = class_supports(&enc, &[1, 2]);
     let vol = volume(7, s);
@@ -217,7 +217,7 @@ fn both_ways_starts_at_the_most_confident_slice_and_emits_each_slice_once() {
 #[test]
 fn the_refine_step_feeds_the_slice_memory() {
     let model = reduced_model();
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let enc = supports(&model, 2, false);
     let cs = class_supports(&enc, &[1]);
     let vol = volume(3, s);

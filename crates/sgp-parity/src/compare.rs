@@ -1,4 +1,4 @@
-//! The pass rule (`shared/specs/sam2-parity-fixtures.md`): exact shape, all finite,
+//! The pass rule (`docs/parity-format.md`): exact shape, all finite,
 //! relative L2 error within rtol overall and for each item of the batch/frame dimension.
 
 use candle_core::{DType, Tensor};
@@ -14,6 +14,11 @@ pub struct TensorReport {
     pub rel_err: f64,
     /// The worst relative error over the items of the batch/frame dimension.
     pub worst_item_err: f64,
+    /// The largest absolute elementwise difference (NaN when not computable); reported
+    /// only, the pass rule does not use it.
+    pub max_abs_err: f64,
+    /// The largest absolute value of the reference, to read `max_abs_err` against.
+    pub ref_max_abs: f64,
     /// Whether the output meets the pass rule.
     pub passed: bool,
     /// Why it failed, when not (only) the error bound.
@@ -27,6 +32,8 @@ impl TensorReport {
             name: name.to_string(),
             rel_err: f64::NAN,
             worst_item_err: f64::NAN,
+            max_abs_err: f64::NAN,
+            ref_max_abs: f64::NAN,
             passed: false,
             note: Some(note.into()),
         }
@@ -58,6 +65,8 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, rtol: f64, item_di
         return Ok(TensorReport::failed(name, "output has NaN/Inf"));
     }
     let rel_err = rel_l2(&a, &b);
+    let max_abs_err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f64, f64::max);
+    let ref_max_abs = b.iter().map(|y| y.abs()).fold(0f64, f64::max);
     let dims = ours.dims();
     let mut worst = rel_err;
     if item_dim < dims.len() && !a.is_empty() {
@@ -81,6 +90,8 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, rtol: f64, item_di
         name: name.to_string(),
         rel_err,
         worst_item_err: worst,
+        max_abs_err,
+        ref_max_abs,
         passed,
         note: None,
     })

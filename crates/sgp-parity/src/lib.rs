@@ -3,11 +3,27 @@
 //! the library crates carry no test harness in their public API.
 //!
 //! A case is a folder with `case.json`, `config.json`, weights and `io.safetensors`
-//! (format: `shared/specs/sam2-parity-fixtures.md`, summarised in `docs/`). For each case
+//! (format, kinds and pass rule: `docs/parity-format.md` in the repository). For each case
 //! the runner computes every output its kind defines, compares those the case holds as
 //! `out.<name>` under the pass rule ([`compare`]), and optionally saves all of them.
 //!
-//! New kinds go into the [`kinds`] registry: one module with a `register` function.
+//! New kinds go into the [`Registry`] (`src/kinds/`: one module per family of kinds, each
+//! with a `register` function; [`Registry::builtin`] lists them).
+//!
+//! The pass rule on its own, for a check outside the runner:
+//!
+//! ```rust
+//! use candle_core::{Device, Tensor};
+//! let reference = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu)?;
+//! let ours = (&reference * 1.000_01)?;
+//! let report = sgp_parity::compare("masks", &ours, &reference, sgp_parity::DEFAULT_RTOL, 0)?;
+//! assert!(report.passed, "{report:?}");
+//! let off = Tensor::new(&[[1f32, 2.0], [3.0, 5.0]], &Device::Cpu)?;
+//! assert!(!sgp_parity::compare("masks", &off, &reference, sgp_parity::DEFAULT_RTOL, 0)?.passed);
+//! # Ok::<(), sgp_parity::Error>(())
+//! ```
+//!
+//! A directory of cases (what `cargo xtask parity --dir` runs):
 //!
 //! ```no_run
 //! let summary = sgp_parity::run_dir(std::path::Path::new("fixtures/parity"), None)?;
@@ -20,7 +36,7 @@
 mod case;
 mod compare;
 mod error;
-pub mod kinds;
+mod kinds;
 mod runner;
 
 pub use case::{Case, DEFAULT_RTOL};

@@ -188,8 +188,8 @@ pub fn run_dir_with(dir: &Path, save: Option<&Path>, device: &Device, log: &mut 
             let status = if t.passed { "ok  " } else { "FAIL" };
             let note = t.note.as_deref().map(|n| format!("  ({n})")).unwrap_or_default();
             log(&format!(
-                "{status} {name} {}: rel_err {:.3e} (worst item {:.3e}, rtol {:.0e}){note}",
-                t.name, t.rel_err, t.worst_item_err, report.rtol
+                "{status} {name} {}: rel_err {:.3e} (worst item {:.3e}, rtol {:.0e}), max_abs {:.3e} (ref max {:.3e}){note}",
+                t.name, t.rel_err, t.worst_item_err, report.rtol, t.max_abs_err, t.ref_max_abs
             ));
         }
         if let Some(e) = &report.error {

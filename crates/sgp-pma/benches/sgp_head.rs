@@ -151,7 +151,7 @@ fn main() {
             object_score_logits: Tensor::ones((1, 1), DType::F32, &dev).unwrap(),
             high_res_feats: Some((f4.clone(), f8.clone())),
         };
-        let heads = &model.sam_heads;
+        let heads = model.sam_heads();
         let (a, b) = (s as f32 / 3.0, 2.0 * s as f32 / 3.0);
         let pts = PointInputs {
             coords: Tensor::new(&[[[a, a], [b, b]]], &dev).unwrap(),

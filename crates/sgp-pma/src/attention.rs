@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use sgp_kernels::masked_attention::{
     masked_attention, naive_masked_attention, MaskMode as KernelMode, MaskedAttentionOptions, QueryScaling,
 };
-use sgp_sam2::config::PositionEmbeddingSineConfig;
-use sgp_sam2::position_encoding::PositionEmbeddingSine;
+use sgp_sam2::PositionEmbeddingSine;
+use sgp_sam2::PositionEmbeddingSineConfig;
 
 use crate::layers::{ChannelNorm, Linear};
 use crate::{PmaError, Result};

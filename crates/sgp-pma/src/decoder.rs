@@ -79,9 +79,9 @@ impl HeadDims {
     /// The dimensions of `model`.
     pub fn of(model: &sgp_sam2::Sam2Model) -> Self {
         Self {
-            hidden_dim: model.hidden_dim,
-            num_mask_tokens: model.sam_heads.mask_decoder.num_mask_tokens(),
-            use_high_res_features: model.config.use_high_res_features_in_sam,
+            hidden_dim: model.hidden_dim(),
+            num_mask_tokens: model.sam_heads().mask_decoder.num_mask_tokens(),
+            use_high_res_features: model.config().use_high_res_features_in_sam,
         }
     }
 }

@@ -2,13 +2,12 @@
 //! weights file (design steps 5–7).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
-use sgp_sam2::sam_heads::PointInputs;
+use sgp_sam2::PointInputs;
 use sgp_sam2::Sam2Model;
 
 use crate::attention::{PmaConfig, PseudoMaskAttention};
@@ -181,7 +180,7 @@ impl SgpHead {
                 found: format!("{found:?}"),
             });
         }
-        let heads = &model.sam_heads;
+        let heads = model.sam_heads();
         let s = heads.cfg.image_size;
         let e = heads.cfg.image_embedding_size();
         let c = self.dims.hidden_dim;
@@ -457,19 +456,10 @@ fn from_json<T: for<'de> Deserialize<'de>>(v: Option<&String>, key: &str) -> std
     serde_json::from_str(s).map_err(|e| format!("bad `{key}` metadata: {e}"))
 }
 
-/// Writes `bytes` to a temp file next to `path`, syncs it and renames it over `path`.
+/// [`sgp_sam2::write_atomic`], with the error in this crate's enum.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io_err = |source| PmaError::Io {
+    sgp_sam2::write_atomic(path, bytes).map_err(|source| PmaError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
-    tmp.write_all(bytes).map_err(io_err)?;
-    tmp.as_file().sync_all().map_err(io_err)?;
-    tmp.persist(path).map_err(|e| io_err(e.error))?;
-    Ok(())
+    })
 }

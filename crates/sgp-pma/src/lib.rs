@@ -25,6 +25,29 @@
 //!
 //! Weights live in their own safetensors file ([`SgpHead::save`] / [`SgpHead::load`]),
 //! beside the SAM2 checkpoint, with the configuration in the metadata.
+//!
+//! ```rust
+//! use candle_core::{Device, Tensor};
+//! use sgp_pma::{box_from_pseudo_mask, HeadDims, SgpHead, SgpHeadConfig};
+//!
+//! // The box prompt of a pseudo-mask: foreground rows 1..=2, columns 2..=4; the second
+//! // item holds no object, so it gets no box (its pseudo-mask is the answer).
+//! let mut logits = vec![-1f32; 2 * 8 * 8];
+//! for r in 1..=2 {
+//!     for c in 2..=4 {
+//!         logits[r * 8 + c] = 1.0;
+//!     }
+//! }
+//! let y0 = Tensor::from_vec(logits, (2, 1, 8, 8), &Device::Cpu)?;
+//! assert_eq!(box_from_pseudo_mask(&y0)?, [Some([2.0, 1.0, 4.0, 2.0]), None]);
+//!
+//! // A fresh head for SAM2.1 (C = 256, 4 mask tokens, high-res features).
+//! let dims = HeadDims { hidden_dim: 256, num_mask_tokens: 4, use_high_res_features: true };
+//! let (head, _vars) = SgpHead::init(&SgpHeadConfig::default(), dims, &Device::Cpu, 0)?;
+//! let (pma, decoder) = head.num_parameters();
+//! assert!(pma + decoder < 1_000_000); // a few hundred thousand, against SAM2's tens of millions
+//! # Ok::<(), sgp_pma::PmaError>(())
+//! ```
 
 #![warn(missing_docs)]
 

@@ -36,7 +36,7 @@ fn untrained_head_is_exactly_the_sgp_init_pipeline() {
 
     // The reference: SAM2's heads on F' with the boxes, single-mask output (as
     // `sgp_init`), on the same sub-batch (items 0 and 2) so that rounding is identical.
-    let heads = &model.sam_heads;
+    let heads = model.sam_heads();
     let idx = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
     let pick = |t: &Tensor| t.index_select(&idx, 0).unwrap();
     let mut coords = Vec::new();

@@ -25,6 +25,7 @@ pub struct AdaptableLinear {
 }
 
 impl AdaptableLinear {
+    /// A layer from its weight `[out, in]` and optional bias `[out]`, without adapter.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             weight,
@@ -33,33 +34,39 @@ impl AdaptableLinear {
         }
     }
 
-    /// Loads `weight` [out,in] and `bias` [out] like `nn.Linear(in, out)`.
+    /// Loads `weight` `[out, in]` and `bias` `[out]` like `nn.Linear(in, out)`.
     pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: candle_nn::VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         Ok(Self::new(weight, bias))
     }
 
+    /// The base weight `[out, in]` (merged adapters included).
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
+    /// The bias `[out]`, if the layer has one.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
+    /// Input features.
     pub fn in_dim(&self) -> usize {
         self.weight.dims()[1]
     }
 
+    /// Output features.
     pub fn out_dim(&self) -> usize {
         self.weight.dims()[0]
     }
 
+    /// The attached adapter, if any.
     pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
         self.adapter.as_ref()
     }
 
+    /// Attaches (`Some`) or detaches (`None`) an adapter; the base weight is untouched.
     pub fn set_adapter(&mut self, adapter: Option<Arc<dyn LinearAdapter>>) {
         self.adapter = adapter;
     }

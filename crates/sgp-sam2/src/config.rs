@@ -18,17 +18,29 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HieraConfig {
+    /// Channels of the first stage (doubled at each stage change by `dim_mul`).
     pub embed_dim: usize,
+    /// Attention heads of the first stage (multiplied by `head_mul` at each stage change).
     pub num_heads: usize,
+    /// Stochastic depth; inference ignores it.
     pub drop_path_rate: f64,
+    /// How many stage changes pool the query (2×2 max-pool by `q_stride`).
     pub q_pool: usize,
+    /// Query-pooling stride.
     pub q_stride: [usize; 2],
+    /// Blocks per stage.
     pub stages: Vec<usize>,
+    /// Width factor at each stage change.
     pub dim_mul: f64,
+    /// Head-count factor at each stage change.
     pub head_mul: f64,
+    /// Size of the background position embedding, bicubically resized to the patch grid.
     pub window_pos_embed_bkg_spatial_size: [usize; 2],
+    /// Window size of each stage (the `global_att_blocks` attend globally instead).
     pub window_spec: Vec<usize>,
+    /// Blocks that attend globally instead of within windows.
     pub global_att_blocks: Vec<usize>,
+    /// Return every stage's output (the FPN needs them).
     pub return_interm_layers: bool,
 }
 
@@ -54,11 +66,15 @@ impl Default for HieraConfig {
 /// `PositionEmbeddingSine` arguments (the cache warm-up arguments are irrelevant here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PositionEmbeddingSineConfig {
+    /// Output channels (half for x, half for y).
     pub num_pos_feats: usize,
+    /// Frequency base of the sines.
     #[serde(default = "default_temperature")]
     pub temperature: f64,
+    /// Normalise coordinates to `[0, scale]` before encoding.
     #[serde(default = "default_true")]
     pub normalize: bool,
+    /// Coordinate scale when normalising (`None` = 2π).
     #[serde(default)]
     pub scale: Option<f64>,
 }
@@ -73,19 +89,28 @@ fn default_true() -> bool {
 /// `FpnNeck` arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FpnNeckConfig {
+    /// Encoding added to every output level.
     pub position_encoding: PositionEmbeddingSineConfig,
+    /// Output channels of every level (C).
     pub d_model: usize,
+    /// Trunk channels per level, coarsest first.
     pub backbone_channel_list: Vec<usize>,
+    /// Lateral conv kernel.
     #[serde(default = "one")]
     pub kernel_size: usize,
+    /// Lateral conv stride.
     #[serde(default = "one")]
     pub stride: usize,
+    /// Lateral conv padding.
     #[serde(default)]
     pub padding: usize,
+    /// Upsampling of the top-down path.
     #[serde(default)]
     pub fpn_interp_model: FpnInterp,
+    /// How lateral and top-down features combine.
     #[serde(default)]
     pub fuse_type: FuseType,
+    /// Levels that receive top-down features (`None` = all).
     #[serde(default)]
     pub fpn_top_down_levels: Option<Vec<usize>>,
 }
@@ -120,8 +145,11 @@ pub enum FuseType {
 /// `ImageEncoder` arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageEncoderConfig {
+    /// The Hiera backbone.
     pub trunk: HieraConfig,
+    /// The FPN neck.
     pub neck: FpnNeckConfig,
+    /// Number of lowest-resolution levels to drop (1 in every official config).
     #[serde(default)]
     pub scalp: usize,
 }
@@ -130,8 +158,11 @@ pub struct ImageEncoderConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MaskDecoderExtraArgs {
+    /// With single-mask output, fall back to the best multimask output when the single mask is unstable.
     pub dynamic_multimask_via_stability: bool,
+    /// Logit offset of the stability score.
     pub dynamic_multimask_stability_delta: f64,
+    /// Stability below which the fallback applies.
     pub dynamic_multimask_stability_thresh: f64,
 }
 
@@ -148,71 +179,106 @@ impl Default for MaskDecoderExtraArgs {
 /// `SAM2Base` arguments; defaults are `SAM2Base.__init__`'s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sam2Config {
+    /// Hiera trunk and FPN neck.
     pub image_encoder: ImageEncoderConfig,
+    /// Conditions the current frame on the memory bank.
     pub memory_attention: MemoryAttentionConfig,
+    /// Turns features and a mask into a memory.
     pub memory_encoder: MemoryEncoderConfig,
+    /// Memory frames attended to (1 conditioning frame + up to 6 previous).
     #[serde(default = "d_num_maskmem")]
     pub num_maskmem: usize,
+    /// Input side S (a multiple of 32).
     #[serde(default = "d_image_size")]
     pub image_size: usize,
+    /// S over the lowest feature level (16).
     #[serde(default = "d_backbone_stride")]
     pub backbone_stride: usize,
+    /// Scale on the mask probability before the memory encoder.
     #[serde(default = "d_one_f64")]
     pub sigmoid_scale_for_mem_enc: f64,
+    /// Bias on the mask probability before the memory encoder.
     #[serde(default)]
     pub sigmoid_bias_for_mem_enc: f64,
+    /// Binarise point-prompted masks before encoding them (real-use setting).
     #[serde(default)]
     pub binarize_mask_from_pts_for_mem_enc: bool,
+    /// A mask prompt becomes the output directly (logits `mask·20 − 10`), without the SAM heads.
     #[serde(default)]
     pub use_mask_input_as_output_without_sam: bool,
+    /// Conditioning frames in memory attention (-1 = all; else the closest).
     #[serde(default = "d_minus_one")]
     pub max_cond_frames_in_attn: i64,
+    /// Add `no_mem_embed` to the features of a frame without memory.
     #[serde(default)]
     pub directly_add_no_mem_embed: bool,
+    /// The mask decoder uses the S/4 and S/8 levels.
     #[serde(default)]
     pub use_high_res_features_in_sam: bool,
+    /// Three mask outputs for ambiguous prompts on the first click.
     #[serde(default)]
     pub multimask_output_in_sam: bool,
+    /// Fewest points for which multimask output applies.
     #[serde(default = "one")]
     pub multimask_min_pt_num: usize,
+    /// Most points for which multimask output applies.
     #[serde(default = "one")]
     pub multimask_max_pt_num: usize,
+    /// Multimask output also on tracked frames.
     #[serde(default)]
     pub multimask_output_for_tracking: bool,
+    /// The object pointer comes from the chosen multimask token.
     #[serde(default)]
     pub use_multimask_token_for_obj_ptr: bool,
+    /// IoU head output through a sigmoid.
     #[serde(default)]
     pub iou_prediction_use_sigmoid: bool,
+    /// Stride between the previous frames kept in memory.
     #[serde(default = "one")]
     pub memory_temporal_stride_for_eval: usize,
+    /// Make object masks non-overlapping before encoding (multi-object).
     #[serde(default)]
     pub non_overlap_masks_for_mem_enc: bool,
+    /// Object pointers join the memory as extra tokens.
     #[serde(default)]
     pub use_obj_ptrs_in_encoder: bool,
+    /// Most object pointers in memory attention.
     #[serde(default = "d_max_obj_ptrs")]
     pub max_obj_ptrs_in_encoder: usize,
+    /// Add a temporal encoding to object pointers.
     #[serde(default = "default_true")]
     pub add_tpos_enc_to_obj_ptrs: bool,
+    /// Project that temporal encoding with a linear layer.
     #[serde(default)]
     pub proj_tpos_enc_in_obj_ptrs: bool,
+    /// Signed (past/future) temporal distance for pointers.
     #[serde(default)]
     pub use_signed_tpos_enc_to_obj_ptrs: bool,
+    /// At inference, only pointers of past frames.
     #[serde(default)]
     pub only_obj_ptrs_in_the_past_for_eval: bool,
+    /// Predict an object-presence score.
     #[serde(default)]
     pub pred_obj_scores: bool,
+    /// The object-score head is an MLP (else linear).
     #[serde(default)]
     pub pred_obj_scores_mlp: bool,
+    /// Without an object, the pointer is the learned `no_obj_ptr`.
     #[serde(default)]
     pub fixed_no_obj_ptr: bool,
+    /// Blend towards `no_obj_ptr` by the object probability.
     #[serde(default)]
     pub soft_no_obj_ptr: bool,
+    /// The pointer projection is an MLP (else linear).
     #[serde(default)]
     pub use_mlp_for_obj_ptr_proj: bool,
+    /// Add a learned embedding to memories of frames without object (SAM2.1).
     #[serde(default)]
     pub no_obj_embed_spatial: bool,
+    /// Mask decoder overrides (`build_sam2` sets dynamic multimask).
     #[serde(default)]
     pub sam_mask_decoder_extra_args: Option<MaskDecoderExtraArgs>,
+    /// `torch.compile` switch of the reference; ignored here.
     #[serde(default)]
     pub compile_image_encoder: bool,
     /// `SAM2VideoPredictor.fill_hole_area` (0 = off); `build_sam2_video_predictor` sets 8.

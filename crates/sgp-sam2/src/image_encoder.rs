@@ -19,10 +19,14 @@ pub struct BackboneOutput {
     pub backbone_fpn: Vec<Tensor>,
 }
 
+/// `sam2.modeling.backbones.image_encoder.ImageEncoder`: the Hiera trunk and the FPN neck.
 #[derive(Debug, Clone)]
 pub struct ImageEncoder {
+    /// The Hiera backbone (checkpoint `image_encoder.trunk`); its linears are LoRA targets.
     pub trunk: Hiera,
+    /// The FPN neck (checkpoint `image_encoder.neck`).
     pub neck: FpnNeck,
+    /// Number of lowest-resolution levels dropped from the output.
     pub scalp: usize,
 }
 

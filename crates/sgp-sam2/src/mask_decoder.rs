@@ -54,22 +54,37 @@ impl Module for ConvTranspose2x2 {
 /// Constructor arguments of `MaskDecoder` (SAM2 passes the ones `_build_sam_heads` sets).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskDecoderConfig {
+    /// Token and embedding width C.
     pub transformer_dim: usize,
+    /// Masks in multimask output (3); one more token serves single-mask output.
     pub num_multimask_outputs: usize,
+    /// Layers of the IoU head.
     pub iou_head_depth: usize,
+    /// Hidden width of the IoU head.
     pub iou_head_hidden_dim: usize,
+    /// Add the projected S/4 and S/8 levels while upscaling.
     pub use_high_res_features: bool,
+    /// IoU head output through a sigmoid.
     pub iou_prediction_use_sigmoid: bool,
+    /// Fall back to the best multimask output when the single mask is unstable.
     pub dynamic_multimask_via_stability: bool,
+    /// Logit offset of the stability score.
     pub dynamic_multimask_stability_delta: f64,
+    /// Stability below which the fallback applies.
     pub dynamic_multimask_stability_thresh: f64,
+    /// Predict an object-presence score (an extra token).
     pub pred_obj_scores: bool,
+    /// The object-score head is an MLP (else linear).
     pub pred_obj_scores_mlp: bool,
+    /// Return the chosen multimask token for the object pointer.
     pub use_multimask_token_for_obj_ptr: bool,
     /// Two-way transformer: depth 2, 8 heads, MLP 2048, downsample 2 in SAM2.
     pub transformer_depth: usize,
+    /// Heads of the two-way transformer.
     pub transformer_num_heads: usize,
+    /// MLP width of the two-way transformer.
     pub transformer_mlp_dim: usize,
+    /// Internal width divisor of the cross-attentions.
     pub attention_downsample_rate: usize,
 }
 
@@ -177,27 +192,42 @@ pub struct PredictedMasks {
     pub upscaled_embedding: Tensor,
 }
 
+/// SAM's `MaskDecoder` (checkpoint `sam_mask_decoder`): prompt and image tokens in, masks,
+/// IoU predictions and object scores out.
 #[derive(Debug, Clone)]
 pub struct MaskDecoder {
+    /// The constructor arguments.
     pub cfg: MaskDecoderConfig,
+    /// Two-way transformer between prompt tokens and image embedding.
     pub transformer: TwoWayTransformer,
+    /// Learned IoU token `[1, C]`.
     pub iou_token: Tensor,
+    /// Learned mask tokens `[num_mask_tokens, C]`.
     pub mask_tokens: Tensor,
+    /// Learned object-score token, with `pred_obj_scores`.
     pub obj_score_token: Option<Tensor>,
+    /// First 2× transposed conv of the upscaling path.
     pub upscale_conv1: ConvTranspose2x2,
+    /// Norm between the two upscaling convs.
     pub upscale_norm: LayerNorm2d,
+    /// Second 2× transposed conv.
     pub upscale_conv2: ConvTranspose2x2,
     /// 1×1 convs that project backbone levels 0/1 to C/8 and C/4. They belong to the
     /// decoder in the checkpoint but `SAM2Base.forward_image` applies them, so the image
     /// path calls [`MaskDecoder::project_high_res`].
     pub conv_s0: Option<Conv2d>,
+    /// Projection of level 1 (see `conv_s0`).
     pub conv_s1: Option<Conv2d>,
+    /// One MLP per mask token, turning it into mask weights.
     pub output_hypernetworks_mlps: Vec<Mlp>,
+    /// Predicts each mask's IoU.
     pub iou_prediction_head: Mlp,
+    /// Object-score head, with `pred_obj_scores`.
     pub pred_obj_score_head: Option<ObjScoreHead>,
 }
 
 impl MaskDecoder {
+    /// `vb` at the checkpoint prefix `sam_mask_decoder`.
     pub fn new(cfg: &MaskDecoderConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.transformer_dim;
         if !c.is_multiple_of(8) {
@@ -290,6 +320,7 @@ impl MaskDecoder {
         })
     }
 
+    /// Mask tokens: the multimask outputs plus the single-mask one.
     pub fn num_mask_tokens(&self) -> usize {
         self.cfg.num_multimask_outputs + 1
     }
@@ -473,6 +504,7 @@ impl MaskDecoder {
         Ok((Tensor::cat(&masks, 0)?, Tensor::cat(&ious, 0)?))
     }
 
+    /// Every adaptable linear below `prefix`, by checkpoint path (the LoRA seam).
     pub fn linears_mut(&mut self, prefix: &str) -> Vec<(String, &mut AdaptableLinear)> {
         let mut v = self.transformer.linears_mut(&format!("{prefix}.transformer"));
         for (i, m) in self.output_hypernetworks_mlps.iter_mut().enumerate() {
@@ -488,5 +520,41 @@ impl MaskDecoder {
             None => {}
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConvTranspose2x2;
+    use candle_core::{Device, Module, Tensor};
+    use sgp_kernels::testing::max_abs_diff;
+
+    /// Deterministic, non-trivial values (a sine of the flat index).
+    fn wavy(seed: f32, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| (i as f32 * 0.731 + seed).sin()).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The matmul + pixel-shuffle transposed convolution equals candle's reference
+    /// `conv_transpose2d` (kernel 2, stride 2).
+    #[test]
+    fn conv_transpose_2x2_matches_candle_reference() {
+        let weight = wavy(9.0, &[6, 4, 2, 2]);
+        let bias = wavy(10.0, &[4]);
+        let x = wavy(11.0, &[2, 6, 3, 5]);
+        let ours = ConvTranspose2x2 {
+            weight: weight.clone(),
+            bias: bias.clone(),
+        }
+        .forward(&x)
+        .unwrap();
+        let reference = x
+            .conv_transpose2d(&weight, 0, 0, 2, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(ours.dims(), [2, 4, 6, 10]);
+        assert!(max_abs_diff(&ours, &reference).unwrap() < 1e-5);
     }
 }

@@ -35,16 +35,23 @@ pub struct AttentionConfig {
     /// Tells `RoPEAttention` from plain `Attention`; absent means RoPE (the SAM2 default).
     #[serde(rename = "_target_", default)]
     pub target: Option<String>,
+    /// Query width.
     pub embedding_dim: usize,
+    /// Attention heads.
     pub num_heads: usize,
+    /// Internal width is `embedding_dim / downsample_rate`.
     #[serde(default = "default_one")]
     pub downsample_rate: usize,
+    /// Attention dropout; inference ignores it.
     #[serde(default)]
     pub dropout: f64,
+    /// Key/value input width when it differs from the query's (cross-attention to memories).
     #[serde(default)]
     pub kv_in_dim: Option<usize>,
+    /// RoPE frequency base.
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
+    /// Repeat the keys' RoPE over memory frames (cross-attention).
     #[serde(default)]
     pub rope_k_repeat: bool,
     /// Only the default grid of the reference; we compute the grid from the token count.
@@ -53,6 +60,7 @@ pub struct AttentionConfig {
 }
 
 impl AttentionConfig {
+    /// Whether this is a `RoPEAttention` (else plain `Attention`).
     pub fn uses_rope(&self) -> bool {
         match &self.target {
             None => true,
@@ -64,19 +72,28 @@ impl AttentionConfig {
 /// `MemoryAttentionLayer` constructor arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryAttentionLayerConfig {
+    /// MLP activation (`relu` in every official config).
     #[serde(default = "default_relu")]
     pub activation: String,
+    /// Token width C.
     pub d_model: usize,
+    /// MLP hidden width.
     pub dim_feedforward: usize,
+    /// Dropout; inference ignores it.
     #[serde(default)]
     pub dropout: f64,
+    /// Add the position encoding to self-attention queries and keys.
     #[serde(default)]
     pub pos_enc_at_attn: bool,
+    /// Add the memory position encoding to cross-attention keys.
     #[serde(default)]
     pub pos_enc_at_cross_attn_keys: bool,
+    /// Add the position encoding to cross-attention queries.
     #[serde(default)]
     pub pos_enc_at_cross_attn_queries: bool,
+    /// Self-attention over the current frame.
     pub self_attention: AttentionConfig,
+    /// Cross-attention to the memory.
     pub cross_attention: AttentionConfig,
 }
 
@@ -86,14 +103,19 @@ pub struct MemoryAttentionLayerConfig {
 /// when a config omits them we take the values every official SAM2/SAM2.1 yaml uses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryAttentionConfig {
+    /// Token width C.
     #[serde(default = "default_d_model")]
     pub d_model: usize,
+    /// Add 0.1 × the position encoding to the input once.
     #[serde(default = "default_true")]
     pub pos_enc_at_input: bool,
+    /// Every layer's arguments.
     #[serde(default = "official_layer")]
     pub layer: MemoryAttentionLayerConfig,
+    /// Number of layers.
     #[serde(default = "default_num_layers")]
     pub num_layers: usize,
+    /// Token layout of the layers (`true`: `[B, L, C]`).
     #[serde(default = "default_true")]
     pub batch_first: bool,
 }
@@ -298,16 +320,22 @@ impl MemoryAttentionLayer {
     }
 }
 
-/// `MemoryAttention`: a stack of [`MemoryAttentionLayer`]s and a final LayerNorm.
+/// `MemoryAttention`: a stack of memory-attention layers (self-attention, cross-attention
+/// to the memory, MLP) and a final LayerNorm.
 #[derive(Debug, Clone)]
 pub struct MemoryAttention {
+    /// The stacked attention layers.
     pub layers: Vec<MemoryAttentionLayer>,
+    /// Final layer norm.
     pub norm: LayerNorm,
+    /// Add 0.1 × the position encoding to the input once.
     pub pos_enc_at_input: bool,
+    /// Token width C.
     pub d_model: usize,
 }
 
 impl MemoryAttention {
+    /// `vb` at the checkpoint prefix `memory_attention`.
     pub fn new(cfg: &MemoryAttentionConfig, vb: VarBuilder) -> Result<Self> {
         let layers = (0..cfg.num_layers)
             .map(|i| MemoryAttentionLayer::new(&cfg.layer, vb.pp(format!("layers.{i}"))))
@@ -320,9 +348,9 @@ impl MemoryAttention {
         })
     }
 
-    /// Sequence-first like the reference: `curr`/`curr_pos` [N,B,C], `memory`/`memory_pos`
-    /// [M,B,Cm], of which the last `num_obj_ptr_tokens` are object pointers (no RoPE).
-    /// Returns [N,B,C].
+    /// Sequence-first like the reference: `curr`/`curr_pos` `[N,B,C]`, `memory`/`memory_pos`
+    /// `[M,B,Cm]`, of which the last `num_obj_ptr_tokens` are object pointers (no RoPE).
+    /// Returns `[N,B,C]`.
     pub fn forward(
         &self,
         curr: &Tensor,

@@ -53,14 +53,19 @@ fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::E
 /// `MaskDownSampler` arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskDownSamplerConfig {
+    /// Output channels.
     #[serde(default = "default_256")]
     pub embed_dim: usize,
+    /// Kernel of each downsampling conv.
     #[serde(default = "default_4")]
     pub kernel_size: usize,
+    /// Stride of each downsampling conv.
     #[serde(default = "default_4")]
     pub stride: usize,
+    /// Padding of each downsampling conv.
     #[serde(default)]
     pub padding: usize,
+    /// Overall downsampling (S to S/16); the number of convs follows.
     #[serde(default = "default_16")]
     pub total_stride: usize,
 }
@@ -68,13 +73,18 @@ pub struct MaskDownSamplerConfig {
 /// `CXBlock` arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CXBlockConfig {
+    /// Channels.
     pub dim: usize,
+    /// Depth-wise conv kernel.
     #[serde(default = "default_7")]
     pub kernel_size: usize,
+    /// Depth-wise conv padding.
     #[serde(default = "default_3")]
     pub padding: usize,
+    /// Initial layer scale γ (0 or less: no layer scale).
     #[serde(default = "default_layer_scale", deserialize_with = "lenient_f64")]
     pub layer_scale_init_value: f64,
+    /// Depth-wise (else dense) conv.
     #[serde(default = "default_true")]
     pub use_dwconv: bool,
 }
@@ -82,10 +92,14 @@ pub struct CXBlockConfig {
 /// `Fuser` arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FuserConfig {
+    /// Every block's arguments.
     pub layer: CXBlockConfig,
+    /// Number of blocks.
     pub num_layers: usize,
+    /// Channels of the optional input projection.
     #[serde(default)]
     pub dim: Option<usize>,
+    /// Project the input with a 1×1 conv first.
     #[serde(default)]
     pub input_projection: bool,
 }
@@ -97,14 +111,19 @@ pub struct FuserConfig {
 /// SAM2/SAM2.1 yaml uses, so a partial config still describes the released models.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemoryEncoderConfig {
+    /// Memory channels (64).
     #[serde(default = "default_out_dim")]
     pub out_dim: usize,
+    /// Downsamples the mask to the feature grid.
     #[serde(default = "official_mask_downsampler")]
     pub mask_downsampler: MaskDownSamplerConfig,
+    /// Fuses features and mask.
     #[serde(default = "official_fuser")]
     pub fuser: FuserConfig,
+    /// Encoding of the memory tokens.
     #[serde(default = "official_position_encoding")]
     pub position_encoding: PositionEmbeddingSineConfig,
+    /// Feature channels C.
     #[serde(default = "default_256")]
     pub in_dim: usize,
 }
@@ -289,11 +308,17 @@ impl Module for Fuser {
 /// `MemoryEncoder`.
 #[derive(Debug, Clone)]
 pub struct MemoryEncoder {
+    /// Downsamples the mask to the feature grid.
     pub mask_downsampler: MaskDownSampler,
+    /// 1×1 projection of the image features.
     pub pix_feat_proj: Conv2d,
+    /// Fuses features and mask.
     pub fuser: Fuser,
+    /// Projection to `out_dim` when it differs from C.
     pub out_proj: Option<Conv2d>,
+    /// Encoding of the memory tokens.
     pub position_encoding: PositionEmbeddingSine,
+    /// Memory channels.
     pub out_dim: usize,
 }
 
@@ -307,6 +332,7 @@ pub struct MemoryEncoderOutput {
 }
 
 impl MemoryEncoder {
+    /// `vb` at the checkpoint prefix `memory_encoder`.
     pub fn new(cfg: &MemoryEncoderConfig, vb: VarBuilder) -> Result<Self> {
         let out_proj = if cfg.out_dim != cfg.in_dim {
             Some(conv(cfg.in_dim, cfg.out_dim, 1, 1, 0, 1, vb.pp("out_proj"))?)
@@ -324,7 +350,7 @@ impl MemoryEncoder {
         })
     }
 
-    /// `pix_feat` [B,C,E,E]; `masks` [B,1,S,S] (probabilities when `skip_mask_sigmoid`,
+    /// `pix_feat` `[B,C,E,E]`; `masks` `[B,1,S,S]` (probabilities when `skip_mask_sigmoid`,
     /// logits otherwise).
     pub fn forward(&self, pix_feat: &Tensor, masks: &Tensor, skip_mask_sigmoid: bool) -> Result<MemoryEncoderOutput> {
         let _span = tracing::debug_span!("memory_encoder").entered();

@@ -21,35 +21,34 @@ use crate::weights::StrictWeights;
 use crate::{Error, Result};
 
 use crate::preprocess::Preprocess;
-pub use crate::preprocess::{IMAGE_MEAN, IMAGE_STD};
 
 /// `SAM2Base` with every sub-module and top-level parameter, named as in the checkpoint.
 #[derive(Debug, Clone)]
 pub struct Sam2Model {
-    pub config: Sam2Config,
-    pub image_encoder: ImageEncoder,
+    pub(crate) config: Sam2Config,
+    pub(crate) image_encoder: ImageEncoder,
     /// `sam_prompt_encoder`, `sam_mask_decoder`, `obj_ptr_proj`, `no_obj_ptr`.
-    pub sam_heads: SamHeads,
-    pub memory_attention: MemoryAttention,
-    pub memory_encoder: MemoryEncoder,
+    pub(crate) sam_heads: SamHeads,
+    pub(crate) memory_attention: MemoryAttention,
+    pub(crate) memory_encoder: MemoryEncoder,
     /// `[num_maskmem, 1, 1, mem_dim]`, temporal encodings of memory frames.
-    pub maskmem_tpos_enc: Tensor,
+    pub(crate) maskmem_tpos_enc: Tensor,
     /// `[1, 1, C]`, added to the image features of a frame without memory.
-    pub no_mem_embed: Tensor,
+    pub(crate) no_mem_embed: Tensor,
     /// `[1, 1, C]`.
-    pub no_mem_pos_enc: Tensor,
+    pub(crate) no_mem_pos_enc: Tensor,
     /// `[1, mem_dim]` when `no_obj_embed_spatial` (SAM2.1).
-    pub no_obj_embed_spatial: Option<Tensor>,
+    pub(crate) no_obj_embed_spatial: Option<Tensor>,
     /// `Linear(C, mem_dim)` when `proj_tpos_enc_in_obj_ptrs`; otherwise identity.
-    pub obj_ptr_tpos_proj: Option<AdaptableLinear>,
+    pub(crate) obj_ptr_tpos_proj: Option<AdaptableLinear>,
     /// `Conv2d(1, 1, 4, stride 4)` when `use_obj_ptrs_in_encoder`.
-    pub mask_downsample: Option<candle_nn::Conv2d>,
+    pub(crate) mask_downsample: Option<candle_nn::Conv2d>,
     /// `SAM2Base.hidden_dim`.
-    pub hidden_dim: usize,
+    pub(crate) hidden_dim: usize,
     /// `SAM2Base.mem_dim` (the memory encoder's output channels).
-    pub mem_dim: usize,
+    pub(crate) mem_dim: usize,
     /// `SAM2Base.num_feature_levels`: 3 with high-res features in SAM, else 1.
-    pub num_feature_levels: usize,
+    pub(crate) num_feature_levels: usize,
     preprocess: Preprocess,
 }
 
@@ -197,6 +196,11 @@ impl Sam2Model {
     /// The memory encoder (features + mask → memory).
     pub fn memory_encoder(&self) -> &MemoryEncoder {
         &self.memory_encoder
+    }
+
+    /// `[1, 1, C]`, added to the image features of a frame without memory.
+    pub fn no_mem_embed(&self) -> &Tensor {
+        &self.no_mem_embed
     }
 
     /// `SAM2Base.hidden_dim` C (the neck's `d_model`, 256 in every release).

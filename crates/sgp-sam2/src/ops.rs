@@ -1,9 +1,17 @@
-//! Small ops shared by all SAM2 modules.
+//! Small ops shared by all SAM2 modules, and by the layers built on them downstream
+//! (sgp-pma uses [`layer_norm_last_dim`]).
 //!
-//! candle's fast `softmax_last_dim` and `layer_norm` have no backward pass (see
-//! `shared/docs/candle-notes.md`). Training (LoRA, PMA) needs gradients through the frozen
-//! network, so these helpers pick the differentiable composition whenever the input is
-//! tracked by autograd, and the fast kernel otherwise. Both compute the same function.
+//! The candle trap these exist for: in candle 0.11, the fast `candle_nn::ops::softmax_last_dim`
+//! and `candle_nn::ops::layer_norm` (and so `candle_nn::LayerNorm::forward` on a contiguous
+//! input with a bias) are applied with `apply_op*_no_bwd`. They record no backward, so a
+//! gradient through them is not an error: it is silently zero or absent, and training
+//! quietly stops updating whatever lies behind them. The compositions
+//! `candle_nn::ops::softmax(x, D::Minus1)` and `candle_nn::ops::layer_norm_slow` are
+//! differentiable. Training (LoRA, PMA) needs gradients through the frozen network, so
+//! these helpers pick the differentiable composition whenever the input is tracked by
+//! autograd, and the fast kernel otherwise. Both compute the same function (up to float
+//! rounding, about 1e-7). Any new op on a training path needs a test that the gradient
+//! reaches the parameters and matches finite differences.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
@@ -29,12 +37,16 @@ pub fn layer_norm_last_dim(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64)
 /// `nn.LayerNorm` over the last dimension, loaded from `{prefix}.weight` / `{prefix}.bias`.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
+    /// Scale `[dim]`.
     pub weight: Tensor,
+    /// Shift `[dim]`.
     pub bias: Tensor,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl LayerNorm {
+    /// Loads `weight` and `bias` of width `dim` from `vb`.
     pub fn new(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
@@ -53,12 +65,16 @@ impl Module for LayerNorm {
 /// SAM's `LayerNorm2d`: normalises over channels of an NCHW tensor.
 #[derive(Debug, Clone)]
 pub struct LayerNorm2d {
+    /// Scale `[C]`.
     pub weight: Tensor,
+    /// Shift `[C]`.
     pub bias: Tensor,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl LayerNorm2d {
+    /// Loads `weight` and `bias` of `channels` from `vb`.
     pub fn new(channels: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
         Ok(Self {
             weight: vb.get(channels, "weight")?,

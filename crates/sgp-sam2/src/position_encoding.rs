@@ -5,6 +5,7 @@ use candle_core::{Device, Result, Tensor};
 
 use crate::config::PositionEmbeddingSineConfig;
 
+/// The 2D sine/cosine position encoding (DETR style), as in `sam2`.
 #[derive(Debug, Clone)]
 pub struct PositionEmbeddingSine {
     /// Features per axis (half of the configured `num_pos_feats`).
@@ -15,6 +16,7 @@ pub struct PositionEmbeddingSine {
 }
 
 impl PositionEmbeddingSine {
+    /// Checks the config (an even, positive `num_pos_feats`).
     pub fn new(cfg: &PositionEmbeddingSineConfig) -> std::result::Result<Self, crate::Error> {
         if !cfg.num_pos_feats.is_multiple_of(2) || cfg.num_pos_feats == 0 {
             return Err(crate::Error::Config(

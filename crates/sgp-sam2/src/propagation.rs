@@ -69,6 +69,7 @@ pub enum SlicePrompt {
 /// The slices of a volume, produced on demand so the whole volume never has to exist as
 /// model inputs at once.
 pub trait SliceSource {
+    /// Number of slices.
     fn num_slices(&self) -> usize;
     /// Slice `idx` as `[3, H, W]` RGB in [0, 1].
     fn slice(&self, idx: usize) -> Result<Tensor>;
@@ -109,6 +110,7 @@ pub struct VolumeSlices {
 }
 
 impl VolumeSlices {
+    /// A volume of `shape` (row-major `data`), sliced along `axis` (0, 1 or 2).
     pub fn new(data: Vec<f32>, shape: [usize; 3], axis: usize) -> Result<Self> {
         if axis > 2 {
             return Err(Error::Input(format!("slice axis must be 0, 1 or 2, got {axis}")));
@@ -180,6 +182,7 @@ impl SliceSource for VolumeSlices {
 /// The prediction for one slice.
 #[derive(Debug, Clone)]
 pub struct SliceResult {
+    /// Slice index in the volume.
     pub index: usize,
     /// `[S/4, S/4]` mask logits.
     pub low_res_logits: Tensor,
@@ -192,7 +195,9 @@ pub struct SliceResult {
 /// What a memory policy knows about the slice being processed.
 #[derive(Debug, Clone)]
 pub struct PolicyContext<'a> {
+    /// Frame index of the slice being processed.
     pub frame_idx: usize,
+    /// Frames in the sequence.
     pub num_frames: usize,
     /// Travelling toward lower slice indices.
     pub reverse: bool,
@@ -275,6 +280,7 @@ impl<'m> VolumePropagator<'m, Sam2Policy> {
 }
 
 impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
+    /// A propagator that selects memories with `policy`.
     pub fn with_policy(model: &'m Sam2Model, policy: P) -> Self {
         Self {
             model,
@@ -283,6 +289,7 @@ impl<'m, P: MemoryBankPolicy> VolumePropagator<'m, P> {
         }
     }
 
+    /// The memory-bank policy.
     pub fn policy(&self) -> &P {
         &self.policy
     }

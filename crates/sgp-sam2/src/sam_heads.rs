@@ -37,24 +37,41 @@ pub const NO_OBJ_SCORE: f32 = -1024.0;
 pub struct SamHeadsConfig {
     /// `SAM2Base.hidden_dim` (the neck's `d_model`).
     pub hidden_dim: usize,
+    /// Input side S.
     pub image_size: usize,
+    /// S over the embedding side (16).
     pub backbone_stride: usize,
+    /// The mask decoder uses the S/4 and S/8 levels.
     pub use_high_res_features_in_sam: bool,
+    /// Predict an object-presence score.
     pub pred_obj_scores: bool,
+    /// The object-score head is an MLP.
     pub pred_obj_scores_mlp: bool,
+    /// Without an object, the pointer is the learned `no_obj_ptr`.
     pub fixed_no_obj_ptr: bool,
+    /// Blend towards `no_obj_ptr` by the object probability.
     pub soft_no_obj_ptr: bool,
+    /// Object pointers are computed (for the memory).
     pub use_obj_ptrs_in_encoder: bool,
+    /// The pointer projection is an MLP.
     pub use_mlp_for_obj_ptr_proj: bool,
+    /// The pointer comes from the chosen multimask token.
     pub use_multimask_token_for_obj_ptr: bool,
+    /// IoU head output through a sigmoid.
     pub iou_prediction_use_sigmoid: bool,
+    /// Multimask output for ambiguous prompts.
     pub multimask_output_in_sam: bool,
+    /// Multimask output also on tracked frames.
     pub multimask_output_for_tracking: bool,
+    /// Fewest points for multimask output.
     pub multimask_min_pt_num: usize,
+    /// Most points for multimask output.
     pub multimask_max_pt_num: usize,
     /// `sam_mask_decoder_extra_args` (`build_sam2` turns this on for real use).
     pub dynamic_multimask_via_stability: bool,
+    /// Logit offset of the stability score.
     pub dynamic_multimask_stability_delta: f64,
+    /// Stability below which the fallback applies.
     pub dynamic_multimask_stability_thresh: f64,
 }
 
@@ -85,6 +102,7 @@ impl Default for SamHeadsConfig {
 }
 
 impl SamHeadsConfig {
+    /// The SAM-head arguments of a model config.
     pub fn from_sam2_config(cfg: &Sam2Config) -> Self {
         let extra = cfg.mask_decoder_extra_args();
         Self {
@@ -198,11 +216,16 @@ pub struct DecoderIntermediates {
     pub upscaled_embedding: Tensor,
 }
 
+/// `SAM2Base._forward_sam_heads`: prompt encoder, mask decoder and object-pointer head.
 #[derive(Debug, Clone)]
 pub struct SamHeads {
+    /// The arguments.
     pub cfg: SamHeadsConfig,
+    /// Checkpoint `sam_prompt_encoder`.
     pub prompt_encoder: PromptEncoder,
+    /// Checkpoint `sam_mask_decoder`.
     pub mask_decoder: MaskDecoder,
+    /// Checkpoint `obj_ptr_proj`: mask token to object pointer.
     pub obj_ptr_proj: ObjPtrProj,
     /// `[1, C]`, present when `pred_obj_scores && use_obj_ptrs_in_encoder`.
     pub no_obj_ptr: Option<Tensor>,

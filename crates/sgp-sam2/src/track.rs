@@ -109,7 +109,9 @@ impl TrackRequest {
 /// frames, by frame index.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBank {
+    /// Prompted frames (always eligible as memory).
     pub cond_frame_outputs: BTreeMap<usize, FrameOutput>,
+    /// Every other processed frame.
     pub non_cond_frame_outputs: BTreeMap<usize, FrameOutput>,
 }
 

@@ -683,8 +683,11 @@ pub const MEMORY_PATH_PREFIXES: &[&str] = &[
 /// A model loaded from the transformers format.
 #[derive(Debug)]
 pub struct LoadedTransformers {
+    /// The equivalent official config.
     pub config: crate::config::Sam2Config,
+    /// The model, under official key names.
     pub model: crate::model::Sam2Model,
+    /// Which transformers class the checkpoint came from.
     pub kind: TransformersModel,
 }
 

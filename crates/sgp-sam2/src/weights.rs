@@ -224,6 +224,7 @@ pub struct StrictWeights {
 }
 
 impl StrictWeights {
+    /// Wraps an in-memory state dict (e.g. a test's, or a converted one).
     pub fn new(tensors: HashMap<String, Tensor>) -> Self {
         Self {
             tensors,
@@ -300,4 +301,20 @@ impl StrictWeights {
     pub fn finish(&self) -> Result<()> {
         self.finish_scoped(None)
     }
+}
+
+/// Writes `bytes` to a temp file next to `path`, syncs it and renames it over `path`, so a
+/// reader never sees a half-written file. The one atomic write of the model-level crates
+/// (sgp-lora adapters, sgp-pma heads); callers wrap the error in their own enum.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use sgp_sam2::sam_heads::{PointInputs, SamHeads, SamHeadsConfig};
+use sgp_sam2::{PointInputs, SamHeads, SamHeadsConfig};
 
 const RTOL: f64 = 1e-4;
 

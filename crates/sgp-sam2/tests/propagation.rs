@@ -6,12 +6,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result as CResult, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use sgp_sam2::config::Sam2Config;
-use sgp_sam2::model::Sam2Model;
-use sgp_sam2::propagation::{
-    Direction, MemoryBankPolicy, PolicyContext, SlicePrompt, SliceSource, VolumePropagator, VolumeSlices,
-};
-use sgp_sam2::track::{MemoryBank, MemorySelection};
+use sgp_sam2::Sam2Config;
+use sgp_sam2::Sam2Model;
+use sgp_sam2::{Direction, MemoryBankPolicy, PolicyContext, SlicePrompt, SliceSource, VolumePropagator, VolumeSlices};
+use sgp_sam2::{MemoryBank, MemorySelection};
 
 fn demo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sgp_sam2::adapt::AdaptableModel;
-use sgp_sam2::config::Sam2Config;
-use sgp_sam2::model::Sam2Model;
-use sgp_sam2::weights::{detect_format, load_state_dict, StrictWeights, WeightsFileFormat};
+use sgp_sam2::AdaptableModel;
 use sgp_sam2::Error;
+use sgp_sam2::Sam2Config;
+use sgp_sam2::Sam2Model;
+use sgp_sam2::{detect_format, load_state_dict, StrictWeights, WeightsFileFormat};
 
 /// A small SAM2.1 config: a 4-stage Hiera with 1–2 blocks per stage at 64 px.
 fn tiny_config() -> Sam2Config {
@@ -67,7 +67,7 @@ fn complete_checkpoint_loads_and_roundtrips_through_safetensors() {
     assert_eq!(detect_format(&p).unwrap(), WeightsFileFormat::Safetensors);
     let model = Sam2Model::load(&cfg, &p, &Device::Cpu).unwrap();
     let want = sd["no_mem_embed"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let got = model.no_mem_embed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let got = model.no_mem_embed().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(want, got);
 }
 
@@ -118,9 +118,9 @@ fn half_precision_is_converted_and_integer_tensors_are_rejected() {
     let f32_val = sd["no_mem_embed"].clone();
     sd.insert("no_mem_embed".into(), f32_val.to_dtype(DType::F16).unwrap());
     let model = Sam2Model::from_weights(&cfg, &StrictWeights::new(sd.clone()), &Device::Cpu).unwrap();
-    assert_eq!(model.no_mem_embed.dtype(), DType::F32);
+    assert_eq!(model.no_mem_embed().dtype(), DType::F32);
     let want = f32_val.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
-    let diff = (model.no_mem_embed - want)
+    let diff = (model.no_mem_embed() - want)
         .unwrap()
         .abs()
         .unwrap()

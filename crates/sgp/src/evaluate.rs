@@ -27,9 +27,10 @@
 //!
 //! # Resume
 //!
-//! A case whose prediction and metrics files exist is not recomputed; a case whose
-//! prediction exists but whose metrics do not gets its metrics from the file. `eval.json`
-//! must match the settings of the run being resumed, so mixed results cannot happen.
+//! A case whose prediction file exists is not segmented again: its metrics are recomputed
+//! from that file (and `cases/<case>.json` rewritten), so a resumed summary is exactly what
+//! `eval-folder` gives on the same files. `eval.json` must match the settings of the run
+//! being resumed, so mixed results cannot happen.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -113,6 +114,17 @@ pub struct EvalRequest {
     pub max_support_cases: Option<usize>,
     /// At most this many evaluated cases (the first ones; None: all).
     pub max_cases: Option<usize>,
+    /// Accept the unlabelled images of releases that ship some (ACDC `testing/` of 2017,
+    /// REFUGE's test images; `data verify --allow-unlabelled`): they are left out.
+    pub allow_unlabelled: bool,
+}
+
+/// The dataset as `req` asks for it.
+fn load_dataset(req: &EvalRequest) -> Result<Dataset> {
+    let options = sgp_data::ScanOptions {
+        allow_unlabelled: req.allow_unlabelled,
+    };
+    Ok(sgp_data::load_with(req.dataset, &req.root, &options)?)
 }
 
 /// Progress of an evaluation, for a bar with ETA.
@@ -131,8 +143,10 @@ pub struct EvalOutcome {
     pub report: Report,
     /// Case ids evaluated, in order.
     pub cases: Vec<String>,
-    /// Cases taken from an earlier run's files.
+    /// Cases whose prediction came from an earlier run's file (not segmented again).
     pub resumed: usize,
+    /// Cases segmented by this call.
+    pub predicted: usize,
     /// The Dice table (`table.md`).
     pub table: String,
     /// Support items in the pool.
@@ -266,7 +280,7 @@ pub fn evaluate_dataset(
     progress: &mut dyn FnMut(EvalProgress),
 ) -> Result<EvalOutcome> {
     let _span = tracing::info_span!("evaluate", dataset = %req.dataset, root = %req.root.display()).entered();
-    let ds = sgp_data::load(req.dataset, &req.root)?;
+    let ds = load_dataset(req)?;
     if let Some(bad) = ds.issues.iter().find(|i| i.fatal) {
         return Err(Error::Input(format!(
             "the {} dataset at {} has problems ({}: {}); run `cargo xtask data verify`",
@@ -344,9 +358,7 @@ pub fn evaluate_dataset(
     let by_id = |id: &str| ds.case(id).ok_or_else(|| Error::Input(format!("case {id} vanished")));
 
     // Cases still to do decide whether supports are needed at all.
-    let done = |id: &str, ext: &str| {
-        dirs[0].join(format!("{id}.{ext}")).is_file() && dirs[2].join(format!("{id}.json")).is_file()
-    };
+    let done = |id: &str, ext: &str| dirs[0].join(format!("{id}.{ext}")).is_file();
     let todo: Vec<&String> = eval_ids
         .iter()
         .filter(|id| ds.case(id).is_some_and(|c| !done(id, case_ext(c))))
@@ -368,52 +380,43 @@ pub fn evaluate_dataset(
     let total = eval_ids.len();
     let mut results = Vec::with_capacity(total);
     let mut resumed = 0;
+    let mut predicted = 0;
     for (i, id) in eval_ids.iter().enumerate() {
         let case = by_id(id)?;
         let ext = case_ext(case);
         let pred_path = dirs[0].join(format!("{id}.{ext}"));
         let gt_path = dirs[1].join(format!("{id}.{ext}"));
         let metrics_path = dirs[2].join(format!("{id}.json"));
-        let metrics = if pred_path.is_file() && metrics_path.is_file() {
+        let _span = tracing::info_span!("eval_case", case = %id).entered();
+        let data = CaseData::read(case, &ds.labels, options.axis)?;
+        let gt = data
+            .labels
+            .clone()
+            .ok_or_else(|| Error::Input(format!("case {id} has no labels")))?;
+        let pred = if pred_path.is_file() {
             resumed += 1;
-            let text = std::fs::read_to_string(&metrics_path).map_err(|source| Error::Io {
-                path: metrics_path.clone(),
-                source,
-            })?;
-            serde_json::from_str::<CaseMetrics>(&text)
-                .map_err(|e| Error::Input(format!("{}: {e}", metrics_path.display())))?
+            sgp_data::read_labels(&pred_path)?.data
         } else {
-            let _span = tracing::info_span!("eval_case", case = %id).entered();
-            let data = CaseData::read(case, &ds.labels, options.axis)?;
-            let gt = data
-                .labels
-                .clone()
-                .ok_or_else(|| Error::Input(format!("case {id} has no labels")))?;
-            let pred = if pred_path.is_file() {
-                resumed += 1;
-                sgp_data::read_labels(&pred_path)?.data
-            } else {
-                let p = predictor.predict_case(&data, &mut pool, &mut |_, _| {})?;
-                crate::pipeline::write_labels(&pred_path, &p.labels, &data.image)?;
-                if coded && ext == "png" {
-                    if let Some(enc) = encode_coding(&p.labels, &ds.labels.coding) {
-                        let dir = req.out.join("predictions_coded");
-                        mkdir(&dir)?;
-                        crate::pipeline::write_labels(&dir.join(format!("{id}.png")), &enc, &data.image)?;
-                    }
+            predicted += 1;
+            let p = predictor.predict_case(&data, &mut pool, &mut |_, _| {})?;
+            crate::pipeline::write_labels(&pred_path, &p.labels, &data.image)?;
+            if coded && ext == "png" {
+                if let Some(enc) = encode_coding(&p.labels, &ds.labels.coding) {
+                    let dir = req.out.join("predictions_coded");
+                    mkdir(&dir)?;
+                    crate::pipeline::write_labels(&dir.join(format!("{id}.png")), &enc, &data.image)?;
                 }
-                p.labels
-            };
-            if !gt_path.is_file() {
-                crate::pipeline::write_labels(&gt_path, &gt.data, &data.image)?;
             }
-            let m = case_metrics(id, &pred, &gt, &classes, &req.metrics)?;
-            write_json(&metrics_path, &m)?;
             if i < req.overlays {
-                overlay(&req.out, id, &data, &gt, &pred)?;
+                overlay(&req.out, id, &data, &gt, &p.labels)?;
             }
-            m
+            p.labels
         };
+        if !gt_path.is_file() {
+            crate::pipeline::write_labels(&gt_path, &gt.data, &data.image)?;
+        }
+        let metrics = case_metrics(id, &pred, &gt, &classes, &req.metrics)?;
+        write_json(&metrics_path, &metrics)?;
         results.push(metrics);
         progress(EvalProgress::Cases(i + 1, total));
     }
@@ -438,6 +441,7 @@ pub fn evaluate_dataset(
         report,
         cases: eval_ids,
         resumed,
+        predicted,
         table,
         support_items: pool.len(),
     })
@@ -561,9 +565,12 @@ fn table_name(ds: &Dataset, c: u16) -> String {
     name
 }
 
+/// The paper's support-size sweep (Table VI).
+pub const PAPER_K_SWEEP: [usize; 5] = [1, 2, 4, 8, 16];
+
 /// The variants of `--ablation`: the full model, no PMG, no PMA, no 3DM (volumes only),
-/// and the support-size sweep K = 1, 2, 4, 8, 16 (the paper's Tables V and VI).
-pub fn ablation_variants(base: &PredictorOptions, volumes: bool) -> Vec<(String, PredictorOptions)> {
+/// and the support-size sweep `k_sweep` ([`PAPER_K_SWEEP`] for the paper's Tables V and VI).
+pub fn ablation_variants(base: &PredictorOptions, volumes: bool, k_sweep: &[usize]) -> Vec<(String, PredictorOptions)> {
     let mut v = Vec::new();
     let with = |f: &dyn Fn(&mut PredictorOptions)| {
         let mut o = base.clone();
@@ -576,32 +583,39 @@ pub fn ablation_variants(base: &PredictorOptions, volumes: bool) -> Vec<(String,
     if volumes {
         v.push(("no-3dm".into(), with(&|o| o.ablation.no_3dm = true)));
     }
-    for k in [1usize, 2, 4, 8, 16] {
+    for &k in k_sweep {
         v.push((format!("K={k}"), with(&|o| o.support_size = k)));
     }
     v
 }
 
-/// Runs every [`ablation_variants`] into `out/ablation/<variant>/` (each resumable) and
-/// writes `out/ablation.md`, one Dice table. Returns the table.
+/// Runs every [`ablation_variants`] into `out/ablation/<variant>/` (each resumable; a K of
+/// the sweep equal to the base K reuses `full`'s folder) and writes `out/ablation.md`, one
+/// Dice table with a row per variant. Returns the table.
 pub fn evaluate_ablation(
     model: &Sam2Model,
     weights: &WeightsId,
     head: &HeadChoice,
     req: &EvalRequest,
+    k_sweep: &[usize],
     progress: &mut dyn FnMut(&str, EvalProgress),
 ) -> Result<String> {
-    let ds = sgp_data::load(req.dataset, &req.root)?;
+    let ds = load_dataset(req)?;
     let volumes = ds
         .labelled()
         .next()
         .and_then(|c| c.images.first())
         .is_some_and(|p| !matches!(sgp_data::file_kind(p), Some(sgp_data::FileKind::Raster)));
     let mut reports = Vec::new();
-    let variants = ablation_variants(&req.options, volumes);
+    let variants = ablation_variants(&req.options, volumes, k_sweep);
     for (name, options) in &variants {
+        let dir = if *options == req.options {
+            "full".to_string()
+        } else {
+            name.replace('=', "")
+        };
         let sub = EvalRequest {
-            out: req.out.join("ablation").join(name.replace('=', "")),
+            out: req.out.join("ablation").join(dir),
             options: options.clone(),
             overlays: 0,
             ..req.clone()

@@ -61,6 +61,7 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
+    /// A client for `options` (resolves the endpoint and the cache folder).
     pub fn new(options: HubOptions) -> Result<Self> {
         let mut builder = HFClientBuilder::new();
         if let Some(e) = &options.endpoint {
@@ -80,10 +81,12 @@ impl Hub {
         Ok(Self { info, client, options })
     }
 
+    /// The hub base URL in use.
     pub fn endpoint(&self) -> &str {
         self.info.endpoint()
     }
 
+    /// The cache folder in use.
     pub fn cache_dir(&self) -> &Path {
         self.info.cache_dir()
     }

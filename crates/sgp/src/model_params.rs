@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use sgp_sam2::weights::StrictWeights;
+use sgp_sam2::StrictWeights;
 use sha2::{Digest, Sha256};
 
 use crate::augment::Rng;

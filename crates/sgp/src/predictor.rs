@@ -63,7 +63,7 @@ use sgp_memory::{
     SupportCache, SupportItem, SupportPool, SupportPropagator, WeightsId,
 };
 use sgp_pma::{HeadDims, PmgParts, SgpHead, SgpHeadConfig};
-use sgp_sam2::propagation::Direction;
+use sgp_sam2::Direction;
 use sgp_sam2::{logits_to_size, PreparedFeatures, Preprocess, Sam2Model};
 
 use crate::{Error, Result};

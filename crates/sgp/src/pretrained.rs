@@ -13,10 +13,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use sgp_sam2::config::Sam2Config;
-use sgp_sam2::model::Sam2Model;
-use sgp_sam2::transformers_format::{self, TransformersModel};
-use sgp_sam2::weights::{detect_format, WeightsFileFormat};
+use sgp_sam2::Sam2Config;
+use sgp_sam2::Sam2Model;
+use sgp_sam2::{detect_format, WeightsFileFormat};
+use sgp_sam2::{load_transformers, looks_like_transformers, TransformersModel};
 
 use crate::{Error, Result};
 
@@ -46,7 +46,12 @@ pub enum WeightsSpec {
     /// A file or a folder on disk.
     Local(PathBuf),
     /// A hub model repo, optionally at a revision (`owner/name@rev`).
-    Hub { repo: String, revision: Option<String> },
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or commit; `None`: the default branch.
+        revision: Option<String>,
+    },
 }
 
 impl WeightsSpec {
@@ -99,7 +104,9 @@ pub struct LoadOptions {
     /// Model input size S (a multiple of 32) instead of the config's; the position
     /// embeddings are interpolated as the official code does.
     pub image_size: Option<usize>,
+    /// Where the parameters go.
     pub device: Device,
+    /// How to reach the hub (repo ids only).
     #[cfg(feature = "hub")]
     pub hub: crate::hub::HubOptions,
 }
@@ -120,8 +127,11 @@ impl Default for LoadOptions {
 /// A loaded model and where it came from.
 #[derive(Debug)]
 pub struct Pretrained {
+    /// The model, in f32.
     pub model: Sam2Model,
+    /// The resolved config (preset or file, image size, real-use settings applied).
     pub config: Sam2Config,
+    /// The format the weights were read in.
     pub format: WeightsFormat,
     /// The weights file that was read (inside the hub cache for repo ids).
     pub weights_path: PathBuf,
@@ -136,6 +146,7 @@ pub trait FromPretrained: Sized {
     fn from_pretrained(spec: &str) -> Result<Self> {
         Self::from_pretrained_with(spec, &LoadOptions::default())
     }
+    /// Loads a repo id or path (see [`load_pretrained`]) with explicit options.
     fn from_pretrained_with(spec: &str, options: &LoadOptions) -> Result<Self>;
 }
 
@@ -318,8 +329,7 @@ fn load_located(located: Located, options: &LoadOptions) -> Result<Pretrained> {
             })
         }
         Located::Transformers { weights, config_json } => {
-            let loaded =
-                transformers_format::load_transformers(&config_json, &weights, options.image_size, &options.device)?;
+            let loaded = load_transformers(&config_json, &weights, options.image_size, &options.device)?;
             Ok(Pretrained {
                 model: loaded.model,
                 config: loaded.config,
@@ -348,7 +358,7 @@ fn config_for(options: &LoadOptions, implied: Option<&str>, weights: &Path) -> R
     Err(Error::NeedConfig(format!(
         "cannot tell the model config of {}; pass --config with a preset ({}) or a yaml file",
         weights.display(),
-        sgp_sam2::config::PRESET_NAMES.join(", ")
+        sgp_sam2::PRESET_NAMES.join(", ")
     )))
 }
 
@@ -370,7 +380,7 @@ pub fn preset_from_file_name(path: &Path) -> Option<&'static str> {
     } else {
         return None;
     };
-    sgp_sam2::config::PRESET_NAMES
+    sgp_sam2::PRESET_NAMES
         .iter()
         .copied()
         .find(|p| p.starts_with(if v21 { "sam2.1_" } else { "sam2_" }) && p.ends_with(&format!("_{size}")))
@@ -413,7 +423,7 @@ fn safetensors_has_transformers_names(path: &Path) -> Result<bool> {
         reason: format!("safetensors header is not JSON: {e}"),
     })?;
     let keys = v.as_object().map(|o| o.keys().map(String::as_str).collect::<Vec<_>>());
-    Ok(keys.is_some_and(|k| transformers_format::looks_like_transformers(k.into_iter())))
+    Ok(keys.is_some_and(|k| looks_like_transformers(k.into_iter())))
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {

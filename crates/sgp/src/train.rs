@@ -566,9 +566,7 @@ pub fn model_source(cfg: &TrainConfig, device: &Device) -> Result<(Sam2Config, B
     }
     let raw = sgp_sam2::load_state_dict(&pre.weights_path, device)?;
     let tensors = match pre.format {
-        crate::WeightsFormat::Transformers => {
-            sgp_sam2::transformers_format::convert_state_dict(raw.into_iter().collect())?.tensors
-        }
+        crate::WeightsFormat::Transformers => sgp_sam2::convert_state_dict(raw.into_iter().collect())?.tensors,
         _ => raw,
     };
     Ok((pre.config, crate::model::state_dict_base(tensors)))

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use sgp::pipeline::{self, Direction, ImagePrompt, VolumePrompt, VolumeRequest};
-use sgp::sam2::model::PromptInput;
+use sgp::sam2::PromptInput;
 use sgp::{load_pretrained, Error, LoadOptions};
 use sgp_data::preprocess::IntensityMethod;
 

@@ -58,7 +58,10 @@ pub const DEFAULT_EPS: f32 = 1e-6;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum MaskMode {
     /// Add `ln(max(p, eps))` to the logits. `eps` must be finite and `> 0`.
-    Soft { eps: f32 },
+    Soft {
+        /// Floor of `p` before the log (bounds the bias of a zero-probability key).
+        eps: f32,
+    },
     /// Exclude keys with `p < 0.5`; rows with no key left attend to every key.
     Hard,
 }
@@ -87,9 +90,11 @@ pub enum QueryScaling<'a> {
 /// Options of [`masked_attention`] and [`naive_masked_attention`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MaskedAttentionOptions<'a> {
+    /// Soft key bias or hard key mask.
     pub mode: MaskMode,
     /// Logit scale; `None` means `1/√D`.
     pub softmax_scale: Option<f32>,
+    /// Whether (and by which map) output rows are scaled.
     pub query_scaling: QueryScaling<'a>,
 }
 

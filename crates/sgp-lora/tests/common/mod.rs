@@ -8,7 +8,7 @@ pub mod sam2;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use sgp_kernels::testing::max_abs_diff;
-use sgp_sam2::adapt::{AdaptableLinear, AdaptableModel};
+use sgp_sam2::{AdaptableLinear, AdaptableModel};
 
 /// Deterministic pseudo-random numbers in [-1, 1) (SplitMix64).
 pub struct Rng(u64);

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use sgp_sam2::config::Sam2Config;
+use sgp_sam2::Sam2Config;
 
 /// Serves a seeded random tensor for every requested name: weights scaled by
 /// 1/sqrt(fan_in), norm weights near 1, small biases and embeddings.

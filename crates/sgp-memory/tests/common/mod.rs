@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use sgp_memory::SupportItem;
-use sgp_sam2::config::Sam2Config;
-use sgp_sam2::model::Sam2Model;
-use sgp_sam2::weights::StrictWeights;
+use sgp_sam2::Sam2Config;
+use sgp_sam2::Sam2Model;
+use sgp_sam2::StrictWeights;
 
 pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/parity/sam2.1_reduced/s64/track_mask_t4")

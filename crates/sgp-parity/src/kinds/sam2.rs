@@ -1,4 +1,4 @@
-//! The SAM2 kinds (`shared/specs/sam2-parity-fixtures.md`): `image_encoder`, `sam_heads`,
+//! The SAM2 kinds (`docs/parity-format.md`): `image_encoder`, `sam_heads`,
 //! `memory_encoder`, `memory_attention`, `track`.
 
 use candle_core::{DType, Device, Tensor};
@@ -72,7 +72,7 @@ fn sam_heads(case: &Case, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let (pix, high_res) = model.image_features(case.input("image")?)?;
     let points = points(case)?;
     let hi = high_res.as_ref().map(|(a, b)| (a, b));
-    let o = model.sam_heads.forward(
+    let o = model.sam_heads().forward(
         &pix,
         points.as_ref(),
         case.opt_input("mask_inputs"),
@@ -113,7 +113,7 @@ fn memory_encoder(case: &Case, device: &Device) -> Result<Vec<(String, Tensor)>>
 fn memory_attention(case: &Case, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let model = case.load_model(device)?;
     let n = case.usize_option("num_obj_ptr_tokens")?.unwrap_or(0);
-    let out = model.memory_attention.forward(
+    let out = model.memory_attention().forward(
         case.input("curr")?,
         case.input("curr_pos")?,
         case.input("memory")?,

@@ -1,4 +1,4 @@
-//! The `sgp_init` kind (`shared/specs/sam2-parity-fixtures.md`): the SGP output before any
+//! The `sgp_init` kind (`docs/parity-format.md`): the SGP output before any
 //! PMA/decoder training. PMG is sgp-memory's [`Pmg`] on the mask-prompted supports (as in
 //! `support_pseudo_mask`); the box, PMA (γ = 0) and the hierarchical decoder (R = 0) are
 //! a freshly initialised [`sgp_pma::SgpHead`], so the case checks the code users run.

@@ -1,4 +1,4 @@
-//! The SGP support kinds (`shared/specs/sam2-parity-fixtures.md`), computed through
+//! The SGP support kinds (`docs/parity-format.md`), computed through
 //! sgp-memory's public API, so the parity cases check the code users run:
 //! - `support_pseudo_mask`: [`sgp_memory::Pmg`] on mask-prompted supports (frames 0..K),
 //!   all queries as one batch;

@@ -78,7 +78,7 @@ pub fn disc_logits(s: usize, centres: &[(f64, f64)], radii: &[f64]) -> Tensor {
 /// [`disc_logits`] at S/4, upsampled bilinearly to S like SAM2 does. `radii` are in S/4
 /// pixels; 0 gives an empty pseudo-mask (no box).
 pub fn pmg_parts(model: &Sam2Model, image: &Tensor, radii: &[f64]) -> PmgParts {
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     let (emb, hr) = model.image_features(image).expect("features");
     let b = image.dim(0).unwrap();
     let q = s / 4;
@@ -98,7 +98,7 @@ pub fn pmg_parts(model: &Sam2Model, image: &Tensor, radii: &[f64]) -> PmgParts {
 
 /// A normalised-looking input image `[b, 3, S, S]`.
 pub fn image(model: &Sam2Model, b: usize, seed: u64) -> Tensor {
-    let s = model.config.image_size;
+    let s = model.config().image_size;
     Rng::new(seed).tensor(&[b, 3, s, s], 1.0, DType::F32)
 }
 
@@ -113,6 +113,27 @@ pub fn vars(varmap: &VarMap) -> Vec<(String, Var)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// Replaces every randomly initialised variable of `varmap` by seeded values of the same
+/// scale (`1/√fan_in` for weights, 0.1 for vectors); constant ones (norm weights, zeros)
+/// stay. candle's own init draws from an unseeded generator, and a finite-difference
+/// check on a fresh draw each run would be flaky wherever a picked gradient is tiny.
+pub fn reseed(varmap: &VarMap, seed: u64) {
+    for (i, (name, var)) in vars(varmap).into_iter().enumerate() {
+        let v = values(var.as_tensor());
+        if v.iter().all(|x| *x == v[0]) {
+            continue;
+        }
+        let dims = var.dims().to_vec();
+        let scale = if dims.len() >= 2 {
+            (dims[0] as f64 / v.len() as f64).sqrt()
+        } else {
+            0.1
+        };
+        let t = Rng::new(seed.wrapping_add(1000 * i as u64)).tensor(&dims, scale, var.dtype());
+        set_var(varmap, &name, &t);
+    }
 }
 
 pub fn set_var(varmap: &VarMap, name: &str, t: &Tensor) {

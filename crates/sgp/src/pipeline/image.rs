@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sgp_sam2::model::{PromptInput, Sam2Model};
+use sgp_sam2::{PromptInput, Sam2Model};
 
 use crate::{Error, Result};
 

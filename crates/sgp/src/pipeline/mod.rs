@@ -14,5 +14,5 @@ pub mod volume;
 
 pub use image::{read_rgb, segment_image, write_mask_png, ImagePrompt, ImageSegmentation};
 pub use prompt::{intensity_method, parse_box, parse_points, parse_window};
-pub use sgp_sam2::propagation::Direction;
+pub use sgp_sam2::Direction;
 pub use volume::{prepare_volume, write_labels, PreparedVolume, VolumePrompt, VolumeRequest, VolumeSegmentation};

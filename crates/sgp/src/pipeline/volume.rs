@@ -21,8 +21,8 @@ use candle_core::{Device, Tensor};
 use ndarray::{ArrayD, IxDyn};
 use sgp_data::preprocess::{normalize_intensity, IntensityMethod};
 use sgp_data::Volume;
-use sgp_sam2::model::Sam2Model;
-use sgp_sam2::propagation::{Direction, SlicePrompt, VolumePropagator, VolumeSlices};
+use sgp_sam2::Sam2Model;
+use sgp_sam2::{Direction, SlicePrompt, VolumePropagator, VolumeSlices};
 
 use crate::{Error, Result};
 
