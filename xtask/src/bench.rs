@@ -39,6 +39,25 @@ pub fn pytorch_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench").join(name)
 }
 
+/// The thread count of a benchmark (`--threads`, else the machine's cores), set for candle's
+/// pool through `RAYON_NUM_THREADS` (read when the pool starts; children inherit it).
+pub fn set_threads(threads: Option<usize>) -> usize {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    n
+}
+
+/// Whether the PyTorch side can run; says why not on stderr.
+pub fn pytorch_available(python: &str) -> bool {
+    match python_has_sam2(python) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("PyTorch side skipped: {e}");
+            false
+        }
+    }
+}
+
 /// Whether `python` can run the official code; the reason when it cannot.
 pub fn python_has_sam2(python: &str) -> Result<(), String> {
     match Command::new(python)

@@ -89,10 +89,7 @@ fn parts(model: &Sam2Model, image: &Tensor, s: usize) -> anyhow::Result<PmgParts
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    crate::bench::set_threads(args.threads);
     println!(
         "| S | step | SAM2 decoder ms | PMA + decoder ms | ratio | SAM2 decoder peak MB | PMA + decoder peak MB |"
     );

@@ -209,21 +209,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::json!({"peak_rss_mb": vm_hwm_mb()?}));
         return Ok(());
     }
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    // Children inherit this; candle reads it when its thread pool starts.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let py = crate::bench::python_has_sam2(&args.python);
-    if let Err(e) = &py {
-        eprintln!("PyTorch side skipped: {e}");
-    }
+    let threads = crate::bench::set_threads(args.threads);
+    let py = crate::bench::pytorch_available(&args.python);
     let work = tempfile_dir()?;
     println!("| S | slices | ours ms/slice | PyTorch ms/slice | ratio (PyTorch/ours) | peak slices | ours peak RSS MB | PyTorch peak RSS MB |");
     println!("|---|---|---|---|---|---|---|---|");
     for &size in &args.sizes {
         let weights = work.join(format!("weights_{size}.safetensors"));
-        let (py_ms, w) = if py.is_ok() {
+        let (py_ms, w) = if py {
             let v = run_python(&args, size, args.slices, threads, "time", Some(&weights))?;
             (v["ms_per_slice"].as_f64(), Some(weights.as_path()))
         } else {
@@ -251,7 +244,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 cmd.arg("--child-weights").arg(w);
             }
             ours_peak = last_json(&cmd.output()?, "our peak run")?["peak_rss_mb"].as_f64();
-            if py.is_ok() {
+            if py {
                 py_peak = run_python(&args, size, args.peak_slices, threads, "peak", None)?["peak_rss_mb"].as_f64();
             }
         }

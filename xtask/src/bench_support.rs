@@ -133,14 +133,8 @@ fn cache_speedup(model: &Sam2Model, size: usize, k: usize) -> anyhow::Result<(f6
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let py = crate::bench::python_has_sam2(&args.python);
-    if let Err(e) = &py {
-        eprintln!("PyTorch side skipped: {e}");
-    }
+    let threads = crate::bench::set_threads(args.threads);
+    let py = crate::bench::pytorch_available(&args.python);
     let work = tempfile::tempdir()?;
     let k = args.supports;
     anyhow::ensure!(k > 0, "--supports must be at least 1");
@@ -151,7 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut cache_rows = Vec::new();
     for &size in &args.sizes {
         let weights = work.path().join(format!("weights_{size}.safetensors"));
-        let (py_sup, py_prop, w) = if py.is_ok() {
+        let (py_sup, py_prop, w) = if py {
             let base = [
                 "--config".to_string(),
                 args.config.clone(),

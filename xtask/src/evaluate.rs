@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use sgp::evaluate::{evaluate_ablation, evaluate_dataset, EvalProgress, EvalRequest, EvalSplit, SplitSettings};
-use sgp::predictor_files::load_run;
+use sgp::load_run;
 use sgp_eval::MetricOptions;
 
 use crate::model_source::{DeviceArgs, ModelArgs};

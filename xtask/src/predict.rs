@@ -1,5 +1,5 @@
 //! `cargo xtask predict`: prompt-free segmentation from a support set
-//! (`sgp::predictor_files::predict_to_file`; this file only parses arguments).
+//! (`sgp::predict_to_file`; this file only parses arguments).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use sgp::predictor::{Ablation, PredictorOptions};
-use sgp::predictor_files::{predict_to_file, HeadChoice, PredictRequest};
+use sgp::{predict_to_file, HeadChoice, PredictRequest};
 
 /// Options shared by `predict` and `eval`: support set, bank, direction, classes.
 #[derive(clap::Args, Debug, Clone)]

@@ -41,7 +41,7 @@ use sgp_memory::{CacheOptions, SupportCache, WeightsId};
 use sgp_sam2::Sam2Model;
 
 use crate::predictor::{CaseData, PredictorOptions};
-use crate::predictor_files::{predictor, HeadChoice};
+use crate::predictor_files::{predictor_for_head, HeadChoice};
 use crate::{Error, Result};
 
 /// Which cases are evaluated.
@@ -346,7 +346,7 @@ pub fn evaluate_dataset(
     }
     let coded = !matches!(ds.labels.coding, LabelCoding::Integer);
 
-    let predictor = predictor(model, head, options.clone())?;
+    let predictor = predictor_for_head(model, head, options.clone())?;
     let cache = match &req.cache_dir {
         Some(dir) => SupportCache::new(CacheOptions {
             dir: Some(dir.clone()),

@@ -6,7 +6,7 @@
 //! The crate root holds loading ([`load_pretrained`], [`FromPretrained`]) and devices
 //! ([`select_device`]); the namespaces are the SGP model ([`model`], [`loss`]), training
 //! ([`train`], [`augment`], [`optim`], [`checkpoint`]), inference ([`predictor`],
-//! [`predictor_files`], [`pipeline`]) and evaluation ([`evaluate`]). The workspace crates
+//! [`pipeline`], [`predict_to_file`]) and evaluation ([`evaluate`]). The workspace crates
 //! are re-exported as [`sam2`], [`lora`], [`memory`], [`pma`], [`kernels`], [`data`] and
 //! [`eval`].
 //!
@@ -39,17 +39,22 @@ pub mod evaluate;
 pub mod hub;
 pub mod loss;
 pub mod model;
-pub mod model_params;
+mod model_params;
 pub mod optim;
 pub mod pipeline;
 pub mod predictor;
-pub mod predictor_files;
+mod predictor_files;
 mod pretrained;
 pub mod train;
 mod train_error;
 
 pub use device::{cuda_compiled, device_name, select_device, DeviceSpec};
 pub use error::{Error, Result};
+pub use model_params::{hash_tensors, tensor_bytes};
+pub use predictor_files::{
+    load_run, load_support_dataset, predict_to_file, predictor_for_head, HeadChoice, LoadedRun, PredictOutcome,
+    PredictRequest,
+};
 pub use pretrained::{
     load_pretrained, preset_from_file_name, FromPretrained, LoadOptions, Pretrained, WeightsFormat, WeightsSpec,
     OFFICIAL_REPOS,

@@ -28,7 +28,11 @@ pub enum HeadChoice {
 }
 
 /// Builds the predictor for a head choice.
-pub fn predictor<'m>(model: &'m Sam2Model, head: &HeadChoice, options: PredictorOptions) -> Result<SgpPredictor<'m>> {
+pub fn predictor_for_head<'m>(
+    model: &'m Sam2Model,
+    head: &HeadChoice,
+    options: PredictorOptions,
+) -> Result<SgpPredictor<'m>> {
     match head {
         HeadChoice::TrainingFree => SgpPredictor::training_free(model, options),
         HeadChoice::File(p) => SgpPredictor::with_head_file(model, p, options),
@@ -264,7 +268,7 @@ pub fn predict_to_file(
         query.patient = c.patient.clone();
         tracing::info!(case = %c.id, "the input is a support case: it and its patient are left out");
     }
-    let predictor = predictor(model, head, req.options.clone())?;
+    let predictor = predictor_for_head(model, head, req.options.clone())?;
     let cache = match &req.cache_dir {
         Some(dir) => SupportCache::new(CacheOptions {
             dir: Some(dir.clone()),

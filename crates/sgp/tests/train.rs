@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use sgp::augment::{AugmentConfig, Rng};
 use sgp::lora::LoraConfig;
-use sgp::model_params::tensor_bytes;
+use sgp::tensor_bytes;
 use sgp::train::{RunOptions, TrainConfig, Trainer};
 
 fn repo() -> PathBuf {
