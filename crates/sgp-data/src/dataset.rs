@@ -134,6 +134,8 @@ impl fmt::Display for Modality {
             Modality::Mr => f.write_str("MR"),
             Modality::Us => f.write_str("US"),
             Modality::Photo => f.write_str("photo"),
+            // Layouts that cannot tell (NIfTI in a generic folder) leave the name empty.
+            Modality::Other(s) if s.is_empty() => f.write_str("unspecified"),
             Modality::Other(s) => f.write_str(s),
         }
     }

@@ -436,6 +436,14 @@ fn generic_folder_pairs_by_stem_and_suffix() {
     let a = ds.cases[0].read_labels(&ds.labels).unwrap();
     assert_eq!(a.data.iter().filter(|&&v| v == 1).count(), 12);
     assert!(errors_of(&ds).is_empty(), "{:?}", errors_of(&ds));
+    // A NIfTI in a generic folder has no declared modality; `data verify` names it so
+    // (it printed "modalities: : 1", an empty name).
+    assert_eq!(ds.cases[1].modality, Modality::Other(String::new()));
+    let report = verify(&ds, &|_| {});
+    assert!(
+        report.to_string().contains("modalities: photo: 1, unspecified: 1"),
+        "{report}"
+    );
     png_grey(&r.join("masks/orphan.png"), 6, 4, |_, _| 0);
     let errs = errors_of(&load(DatasetKind::Folder, r).unwrap());
     assert!(errs.iter().any(|e| e.contains("orphan")), "{errs:?}");

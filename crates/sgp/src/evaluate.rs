@@ -589,6 +589,23 @@ pub fn ablation_variants(base: &PredictorOptions, volumes: bool, k_sweep: &[usiz
     v
 }
 
+/// Whether a labelled case of `ds` is a volume (three axes longer than one, as the
+/// predictor's 3D path needs), judged from the NIfTI headers: a 2D NIfTI or an `x × y × 1`
+/// file is an image, like a PNG, and gets no `no-3dm` row.
+fn has_volumes(ds: &Dataset) -> Result<bool> {
+    for case in ds.labelled() {
+        let Some(p) = case.images.first() else { continue };
+        if !matches!(sgp_data::file_kind(p), Some(sgp_data::FileKind::Nifti { .. })) {
+            continue;
+        }
+        let dim = sgp_data::read_nifti_header(p)?.stored_dim();
+        if dim.iter().take(3).filter(|&&d| d > 1).count() == 3 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Runs every [`ablation_variants`] into `out/ablation/<variant>/` (each resumable; a K of
 /// the sweep equal to the base K reuses `full`'s folder) and writes `out/ablation.md`, one
 /// Dice table with a row per variant. Returns the table.
@@ -601,11 +618,7 @@ pub fn evaluate_ablation(
     progress: &mut dyn FnMut(&str, EvalProgress),
 ) -> Result<String> {
     let ds = load_dataset(req)?;
-    let volumes = ds
-        .labelled()
-        .next()
-        .and_then(|c| c.images.first())
-        .is_some_and(|p| !matches!(sgp_data::file_kind(p), Some(sgp_data::FileKind::Raster)));
+    let volumes = has_volumes(&ds)?;
     let mut reports = Vec::new();
     let variants = ablation_variants(&req.options, volumes, k_sweep);
     for (name, options) in &variants {

@@ -258,3 +258,56 @@ fn acdc_dice_table_has_the_shape_of_table_iv() {
         "| method | RV | MYO | LV | mean |\n|---|---|---|---|---|\n| SAM2-SGP | 70.00 | 60.00 | 90.00 | 73.33 |\n"
     );
 }
+
+/// 2D NIfTI images (a slice exported from a scan) are images, not volumes: the ablation
+/// has no `no-3dm` row for them (it used to, from the file kind alone, and ran a variant
+/// identical to `full`), and predictions keep the 2D grid and its spacing.
+#[test]
+fn ablation_of_2d_nifti_images_has_no_3dm_row() {
+    use ndarray::Array2;
+    let model = reduced();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("nifti2d");
+    std::fs::create_dir_all(data.join("images")).unwrap();
+    std::fs::create_dir_all(data.join("masks")).unwrap();
+    let (h, w) = (36usize, 44usize);
+    for i in 0..3usize {
+        let img = Array2::from_shape_fn((h, w), |(y, x)| {
+            let inside = (6 + i..18 + i).contains(&y) && (8..20 + i).contains(&x);
+            if inside {
+                200.0
+            } else {
+                ((x * 7 + y * 3) % 17) as f32
+            }
+        });
+        let lab = img.mapv(|v| u16::from(v > 100.0));
+        let reference = sgp_data::Volume {
+            data: img.into_dyn(),
+            spacing: vec![0.7, 0.7],
+            geometry: None,
+        };
+        sgp_data::write_float_like(&data.join(format!("images/s{i}.nii.gz")), &reference.data, &reference).unwrap();
+        sgp_data::write_labels_like(&data.join(format!("masks/s{i}.nii.gz")), &lab.into_dyn(), &reference).unwrap();
+    }
+    let out = tmp.path().join("ablation");
+    let req = request(DatasetKind::Folder, data, out.clone(), Some(1));
+    let table = evaluate_ablation(
+        &model.0.model,
+        &model.1,
+        &HeadChoice::TrainingFree,
+        &req,
+        &[1],
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let names: Vec<&str> = table
+        .lines()
+        .skip(2)
+        .map(|r| r.trim_start_matches("| ").split(" |").next().unwrap())
+        .collect();
+    assert_eq!(names, ["full", "no-pmg", "no-pma", "K=1"], "{table}");
+    assert!(!out.join("ablation/no-3dm").exists());
+    let pred = sgp_data::read_labels(&out.join("ablation/full/predictions/s0.nii.gz")).unwrap();
+    assert_eq!(pred.data.shape(), &[h, w][..]);
+    assert_eq!(pred.spacing, [0.7f64, 0.7][..]);
+}
