@@ -5,6 +5,11 @@
 //! is no bilinear-upsampling backward, so the decoder uses its own 3×3 convolution (im2col
 //! by shifted views + one matmul), learned 2× pixel-shuffle upsampling (SAM's stride-2
 //! transposed conv, written as a matmul) and a space-to-depth stem.
+//!
+//! On the CPU (f32/f64), GELU, the 3×3 im2col and the pixel shuffle run as single-pass
+//! custom ops with their own backward (`crate::fast`): candle's strided copies and scalar
+//! `erf` made them most of the decoder's time at full resolution. Elsewhere the candle-op
+//! forms above run.
 
 use std::sync::{Arc, Mutex};
 
@@ -101,20 +106,30 @@ impl Conv3x3 {
         if c != i {
             return Err(PmaError::Input(format!("conv3x3 expects {i} channels, got {c}")));
         }
-        let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
         // Column order (ky, kx, c) matches the weight permuted to [ky, kx, in, out].
-        let mut taps = Vec::with_capacity(9);
-        for ky in 0..3 {
-            let rows = xp.narrow(1, ky, h)?;
-            for kx in 0..3 {
-                taps.push(rows.narrow(2, kx, w)?);
-            }
-        }
-        let cols = Tensor::cat(&taps, 3)?.reshape((b * h * w, 9 * c))?;
+        let cols = match crate::fast::im2col_3x3(x)? {
+            Some(cols) => cols,
+            None => im2col_ops(x)?,
+        };
         let wm = self.weight.permute((2, 3, 1, 0))?.reshape((9 * c, o))?;
         let y = cols.matmul(&wm)?.broadcast_add(&self.bias)?;
         Ok(y.reshape((b, h, w, o))?)
     }
+}
+
+/// The 3×3, padding-1 im2col of `[B, H, W, C]` as `[B·H·W, 9·C]` (columns `(ky, kx, c)`)
+/// from candle ops (any device and dtype; slow strided copies on the CPU).
+fn im2col_ops(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let mut taps = Vec::with_capacity(9);
+    for ky in 0..3 {
+        let rows = xp.narrow(1, ky, h)?;
+        for kx in 0..3 {
+            taps.push(rows.narrow(2, kx, w)?);
+        }
+    }
+    Ok(Tensor::cat(&taps, 3)?.reshape((b * h * w, 9 * c))?)
 }
 
 /// Layer norm over the channels (last dim) of an NHWC tensor; differentiable whenever its
@@ -164,6 +179,9 @@ impl PixelShuffleUp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, _) = x.dims4()?;
         let y = self.proj.forward(x)?; // [B, H, W, (dy, dx, out)]
+        if let Some(y) = crate::fast::depth_to_space_2(&y, self.out_dim)? {
+            return Ok(y);
+        }
         let y = y
             .reshape((b, h, w, 2, 2, self.out_dim))?
             .permute((0, 1, 3, 2, 4, 5))? // b, h, dy, w, dx, c
@@ -196,9 +214,10 @@ pub fn to_nchw(x: &Tensor) -> Result<Tensor> {
     Ok(x.permute((0, 3, 1, 2))?.contiguous()?)
 }
 
-/// GELU (erf form, as SAM), which has a backward in candle.
+/// GELU (erf form, as SAM), differentiable: a fast single-pass op (and backward) for f32
+/// on the CPU, candle's `gelu_erf` otherwise.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.gelu_erf()?)
+    Ok(crate::fast::gelu(x)?)
 }
 
 /// A `VarBuilder` backend that serves deterministic tensors for the requested
@@ -340,6 +359,64 @@ mod tests {
         let reference = x.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b.reshape((1, 4, 1, 1))?)?;
         let err = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-5, "conv3x3 differs from conv2d by {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn fast_im2col_and_its_backward_match_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for dt in [DType::F32, DType::F64] {
+            let x = Tensor::randn(0f32, 1.0, (2, 5, 7, 3), &dev)?.to_dtype(dt)?;
+            let probe = Tensor::randn(0f32, 1.0, (2 * 5 * 7, 27), &dev)?.to_dtype(dt)?;
+            let xv = candle_core::Var::from_tensor(&x)?;
+            let fast = crate::fast::im2col_3x3(xv.as_tensor())?.expect("fast path on the CPU");
+            let slow = im2col_ops(xv.as_tensor())?;
+            let err = (&fast - &slow)?
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            assert_eq!(err, 0.0);
+            let g_fast = (fast * &probe)?.sum_all()?.backward()?;
+            let g_slow = (slow * &probe)?.sum_all()?.backward()?;
+            let (a, b) = (
+                g_fast.get(xv.as_tensor()).expect("grad"),
+                g_slow.get(xv.as_tensor()).expect("grad"),
+            );
+            let err = (a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            assert!(err < 1e-5, "col2im differs by {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fast_pixel_shuffle_and_its_backward_match_candle_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for dt in [DType::F32, DType::F64] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 12), &dev)?.to_dtype(dt)?;
+            let probe = Tensor::randn(0f32, 1.0, (2, 6, 10, 3), &dev)?.to_dtype(dt)?;
+            let xv = candle_core::Var::from_tensor(&x)?;
+            let fast = crate::fast::depth_to_space_2(xv.as_tensor(), 3)?.expect("fast path on the CPU");
+            let slow = xv
+                .as_tensor()
+                .reshape((2, 3, 5, 2, 2, 3))?
+                .permute((0, 1, 3, 2, 4, 5))?
+                .reshape((2, 6, 10, 3))?;
+            let err = (&fast - &slow)?
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            assert_eq!(err, 0.0);
+            let g_fast = (fast * &probe)?.sum_all()?.backward()?;
+            let g_slow = (slow * &probe)?.sum_all()?.backward()?;
+            let (a, b) = (
+                g_fast.get(xv.as_tensor()).expect("grad"),
+                g_slow.get(xv.as_tensor()).expect("grad"),
+            );
+            let err = (a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            assert_eq!(err, 0.0);
+        }
         Ok(())
     }
 

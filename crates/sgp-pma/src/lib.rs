@@ -55,6 +55,7 @@ mod attention;
 mod boxes;
 mod decoder;
 mod error;
+mod fast;
 mod head;
 mod layers;
 
