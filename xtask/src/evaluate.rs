@@ -119,6 +119,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 val_fraction: run.config.val_fraction,
                 test_fraction: run.config.test_fraction,
             };
+            // A run trained as an ablation is evaluated as that ablation: its model never
+            // learned the parts it was trained without.
+            let trained = run.config.ablation;
+            options.ablation.no_pmg |= trained.no_pmg;
+            options.ablation.no_pma |= trained.no_pma;
+            if trained.no_pmg || trained.no_pma {
+                tracing::info!(variant = %trained.name(), "the run was trained as an ablation; evaluating it as one");
+            }
             if run.config.axis != options.axis {
                 tracing::warn!(
                     run = run.config.axis,

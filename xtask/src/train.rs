@@ -52,6 +52,13 @@ pub struct Args {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Table V ablation: train without support conditioning (no pseudo-mask, no box, no
+    /// masked attention: SAM2 fine-tuned with the new head).
+    #[arg(long)]
+    no_pmg: bool,
+    /// Table V ablation: train without PMA and the hierarchical decoder.
+    #[arg(long)]
+    no_pma: bool,
     #[command(flatten)]
     device: crate::model_source::DeviceArgs,
 }
@@ -59,6 +66,8 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut cfg = sgp::train::TrainConfig::new(&a.dataset, &a.root, a.weights.clone());
     cfg.from_scratch = a.from_scratch;
+    cfg.ablation.no_pmg = a.no_pmg;
+    cfg.ablation.no_pma = a.no_pma;
     if a.from_scratch {
         cfg.trainable = sgp::model::TrainableConfig::from_scratch();
     }

@@ -107,30 +107,9 @@ fn eval_prints_the_dice_table_and_resumes() {
 #[test]
 fn eval_with_a_trained_run_uses_its_head_and_split() {
     let t = tempfile::tempdir().unwrap();
-    let case = root().join("fixtures/parity/sam2.1_reduced/s64/image_encoder_b2");
     let demo = root().join("datasets/demo");
     let run_dir = t.path().join("run");
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args([
-            "train",
-            "--dataset",
-            "demo",
-            "--image-size",
-            "64",
-            "--support-size",
-            "2",
-        ])
-        .args(["--steps", "1", "--val-every", "1", "--device", "cpu", "--root"])
-        .arg(&demo)
-        .arg("--weights")
-        .arg(case.join("weights.safetensors"))
-        .arg("--config")
-        .arg(case.join("config.json"))
-        .arg("--out")
-        .arg(&run_dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    train_one_step(&run_dir, &[]);
 
     let out = t.path().join("eval");
     let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
@@ -174,4 +153,64 @@ fn eval_with_a_trained_run_uses_its_head_and_split() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// Trains the reduced model for one step on the demo into `run_dir` (`extra`: more flags).
+fn train_one_step(run_dir: &Path, extra: &[&str]) {
+    let case = root().join("fixtures/parity/sam2.1_reduced/s64/image_encoder_b2");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "train",
+            "--dataset",
+            "demo",
+            "--image-size",
+            "64",
+            "--support-size",
+            "2",
+        ])
+        .args(["--steps", "1", "--val-every", "1", "--device", "cpu", "--root"])
+        .arg(root().join("datasets/demo"))
+        .arg("--weights")
+        .arg(case.join("weights.safetensors"))
+        .arg("--config")
+        .arg(case.join("config.json"))
+        .arg("--out")
+        .arg(run_dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_run_trained_as_an_ablation_is_evaluated_as_one() {
+    let t = tempfile::tempdir().unwrap();
+    let run_dir = t.path().join("run");
+    train_one_step(&run_dir, &["--no-pma"]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["ablation"]["no_pma"], true, "{config}");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "eval",
+            "--dataset",
+            "demo",
+            "--support-size",
+            "2",
+            "--cache",
+            "none",
+            "--device",
+            "cpu",
+        ])
+        .arg("--root")
+        .arg(root().join("datasets/demo"))
+        .arg("--run")
+        .arg(&run_dir)
+        .arg("--out")
+        .arg(t.path().join("eval"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("SAM2-SGP (trained, K=2, no-pma)"), "{stdout}");
 }
