@@ -4,6 +4,7 @@
 //!   `antialias=True`, bit-for-bit in spirit with ATen's CPU kernels.
 //! - [`masked_attention`]: attention with a probability-map key bias (soft) or key mask
 //!   (hard), tiled with an online softmax; CPU and, under feature `cuda`, CUDA; with backward.
+//! - [`math`]: a vectorisable f32 `exp` that the kernels and sgp-pma's fused GELU share.
 //! - [`testing`]: the comparison helpers the workspace's tests share.
 //!
 //! The two kernel families keep their module paths (`resize::bilinear` says what it is);
@@ -33,6 +34,7 @@
 
 mod error;
 pub mod masked_attention;
+pub mod math;
 pub mod resize;
 pub mod testing;
 

@@ -12,31 +12,7 @@ use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
 
-/// `exp(x)` for f32, relative error ~2 ulp, flushed to 0 below −87.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding and subtracting rounds to nearest.
-    let under = x < -87.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
-    if under {
-        0.0
-    } else {
-        y * scale
-    }
-}
+use sgp_kernels::math::exp_f32;
 
 /// `erf(x)` for f32 (Abramowitz–Stegun 7.1.26), absolute error ≤ 1.5e-7.
 #[inline(always)]
