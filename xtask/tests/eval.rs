@@ -112,26 +112,7 @@ fn eval_with_a_trained_run_uses_its_head_and_split() {
     train_one_step(&run_dir, &[]);
 
     let out = t.path().join("eval");
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args([
-            "eval",
-            "--dataset",
-            "demo",
-            "--support-size",
-            "2",
-            "--cache",
-            "none",
-            "--device",
-            "cpu",
-        ])
-        .arg("--root")
-        .arg(&demo)
-        .arg("--run")
-        .arg(&run_dir)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = eval_run(&run_dir, &out);
     let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("SAM2-SGP (trained, K=2, full)"), "{stdout}");
@@ -190,7 +171,15 @@ fn a_run_trained_as_an_ablation_is_evaluated_as_one() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["ablation"]["no_pma"], true, "{config}");
-    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let o = eval_run(&run_dir, &t.path().join("eval"));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("SAM2-SGP (trained, K=2, no-pma)"), "{stdout}");
+}
+
+/// `xtask eval --run RUN_DIR` on the demo (K=2, no cache) into `out`.
+fn eval_run(run_dir: &Path, out: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args([
             "eval",
             "--dataset",
@@ -205,12 +194,9 @@ fn a_run_trained_as_an_ablation_is_evaluated_as_one() {
         .arg("--root")
         .arg(root().join("datasets/demo"))
         .arg("--run")
-        .arg(&run_dir)
+        .arg(run_dir)
         .arg("--out")
-        .arg(t.path().join("eval"))
+        .arg(out)
         .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout.contains("SAM2-SGP (trained, K=2, no-pma)"), "{stdout}");
+        .unwrap()
 }

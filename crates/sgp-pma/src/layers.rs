@@ -344,6 +344,7 @@ impl SimpleBackend for SeededInit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sgp_kernels::testing::max_abs_diff;
 
     #[test]
     fn conv3x3_equals_candle_conv2d() -> Result<()> {
@@ -371,11 +372,7 @@ mod tests {
             let xv = candle_core::Var::from_tensor(&x)?;
             let fast = crate::fast::im2col_3x3(xv.as_tensor())?.expect("fast path on the CPU");
             let slow = im2col_ops(xv.as_tensor())?;
-            let err = (&fast - &slow)?
-                .abs()?
-                .max_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            let err = max_abs_diff(&fast, &slow)?;
             assert_eq!(err, 0.0);
             let g_fast = (fast * &probe)?.sum_all()?.backward()?;
             let g_slow = (slow * &probe)?.sum_all()?.backward()?;
@@ -383,7 +380,7 @@ mod tests {
                 g_fast.get(xv.as_tensor()).expect("grad"),
                 g_slow.get(xv.as_tensor()).expect("grad"),
             );
-            let err = (a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let err = max_abs_diff(a, b)?;
             assert!(err < 1e-5, "col2im differs by {err}");
         }
         Ok(())
@@ -402,11 +399,7 @@ mod tests {
                 .reshape((2, 3, 5, 2, 2, 3))?
                 .permute((0, 1, 3, 2, 4, 5))?
                 .reshape((2, 6, 10, 3))?;
-            let err = (&fast - &slow)?
-                .abs()?
-                .max_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            let err = max_abs_diff(&fast, &slow)?;
             assert_eq!(err, 0.0);
             let g_fast = (fast * &probe)?.sum_all()?.backward()?;
             let g_slow = (slow * &probe)?.sum_all()?.backward()?;
@@ -414,7 +407,7 @@ mod tests {
                 g_fast.get(xv.as_tensor()).expect("grad"),
                 g_slow.get(xv.as_tensor()).expect("grad"),
             );
-            let err = (a - b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let err = max_abs_diff(a, b)?;
             assert_eq!(err, 0.0);
         }
         Ok(())
