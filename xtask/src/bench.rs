@@ -23,6 +23,8 @@ enum What {
     Support(crate::bench_support::Args),
     /// PMA + hierarchical decoder forward and forward+backward beside SAM2's decoder.
     Head(crate::bench_head::Args),
+    /// f32 matmul throughput at Hiera's linear shapes (candle vs torch), GFLOP/s.
+    Matmul(crate::bench_matmul::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -31,6 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         What::Propagate(a) => crate::bench_propagate::run(a),
         What::Support(a) => crate::bench_support::run(a),
         What::Head(a) => crate::bench_head::run(a),
+        What::Matmul(a) => crate::bench_matmul::run(a),
     }
 }
 

@@ -66,7 +66,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn time_ms<T>(warmup: usize, iters: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<f64> {
+pub(crate) fn time_ms<T>(warmup: usize, iters: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<f64> {
     for _ in 0..warmup {
         f()?;
     }

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_head;
+mod bench_matmul;
 mod bench_propagate;
 mod bench_sam2;
 mod bench_support;
