@@ -4,7 +4,10 @@
 //!   `antialias=True`, bit-for-bit in spirit with ATen's CPU kernels.
 //! - [`masked_attention`]: attention with a probability-map key bias (soft) or key mask
 //!   (hard), tiled with an online softmax; CPU and, under feature `cuda`, CUDA; with backward.
-//! - [`math`]: a vectorisable f32 `exp` that the kernels and sgp-pma's fused GELU share.
+//! - [`attention`]: plain attention on strided `[B, L, H, D]` views, for inference.
+//! - [`pool`]: channels-last max pooling on strided views, for inference.
+//! - [`activation`]: a one-pass GELU (erf form) with its backward.
+//! - [`math`]: a vectorisable f32 `exp` that the kernels and the GELU share.
 //! - [`testing`]: the comparison helpers the workspace's tests share.
 //!
 //! The two kernel families keep their module paths (`resize::bilinear` says what it is);
@@ -32,9 +35,12 @@
 
 #![warn(missing_docs)]
 
+pub mod activation;
+pub mod attention;
 mod error;
 pub mod masked_attention;
 pub mod math;
+pub mod pool;
 pub mod resize;
 pub mod testing;
 

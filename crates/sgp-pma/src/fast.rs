@@ -1,121 +1,12 @@
-//! A fast GELU (erf form) for f32 on the CPU, with its backward.
-//!
-//! candle's `gelu_erf` evaluates a scalar f64 `erf` per element and its backward is a chain
-//! of eight full-size tensor ops; at full resolution (16M values at S = 1024) that
-//! dominated the decoder. Here both directions are one pass each over the data, in
-//! parallel chunks, with a branch-free `erf` (Abramowitz–Stegun 7.1.26, absolute error
-//! ≤ 1.5e-7, the approximation PyTorch's vectorised CPU `erf` uses) and a Cephes-style
-//! `exp` that the compiler vectorises. Other dtypes and devices keep candle's ops.
+//! Fused CPU layouts for the decoder: 3×3 im2col/col2im and the 2×2 depth-to-space
+//! shuffle, each one pass with its backward. GELU lives in `sgp_kernels::activation`.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-const CHUNK: usize = 1 << 14;
-
-use sgp_kernels::math::exp_f32;
-
-/// `erf(x)` for f32 (Abramowitz–Stegun 7.1.26), absolute error ≤ 1.5e-7.
-#[inline(always)]
-fn erf_f32(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let mut p = 1.061_405_4f32;
-    p = p * t - 1.453_152_1;
-    p = p * t + 1.421_413_8;
-    p = p * t - 0.284_496_73;
-    p = p * t + 0.254_829_6;
-    let y = 1.0 - p * t * exp_f32(-a * a);
-    y.copysign(x)
-}
-
-#[inline(always)]
-fn gelu_f32(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// `d gelu / dx = Φ(x) + x·φ(x)`.
-#[inline(always)]
-fn gelu_grad_f32(x: f32) -> f32 {
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
-    let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-    cdf + x * INV_SQRT_2PI * exp_f32(-0.5 * x * x)
-}
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fast gelu: expected f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fast gelu: non-contiguous input"),
-    }
-}
-
-struct Gelu;
-
-impl CustomOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "sgp-fast-gelu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = gelu_f32(x);
-            }
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        let x = arg.contiguous()?;
-        Ok(Some(g.apply_op2_no_bwd(&x, &GeluBackward)?))
-    }
-}
-
-/// `(grad, x) ↦ grad · gelu'(x)`.
-struct GeluBackward;
-
-impl CustomOp2 for GeluBackward {
-    fn name(&self) -> &'static str {
-        "sgp-fast-gelu-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        gs: &CpuStorage,
-        gl: &Layout,
-        xs: &CpuStorage,
-        xl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = contiguous_f32(gs, gl)?;
-        let x = contiguous_f32(xs, xl)?;
-        if g.len() != x.len() {
-            candle_core::bail!("fast gelu backward: {} gradients for {} inputs", g.len(), x.len());
-        }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                    *o = g * gelu_grad_f32(x);
-                }
-            });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
-    }
-}
-
-/// GELU (erf form): the fast op for f32 CPU tensors (differentiable through its own
-/// backward), candle's `gelu_erf` otherwise.
+/// GELU (erf form): `sgp_kernels::activation::gelu_erf`.
 pub(crate) fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(Gelu)
-    } else {
-        x.gelu_erf()
-    }
+    sgp_kernels::activation::gelu_erf(x)
 }
 
 /// 3×3 im2col with zero padding 1 on a contiguous NHWC tensor: `[B, H, W, C]` →
@@ -347,41 +238,3 @@ pub(crate) fn depth_to_space_2(x: &Tensor, c: usize) -> candle_core::Result<Opti
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fast_gelu_matches_candle_and_its_gradient() -> candle_core::Result<()> {
-        let dev = Device::Cpu;
-        let x64 = Tensor::arange(-12_000i64, 12_000, &dev)?
-            .to_dtype(DType::F64)?
-            .affine(1e-3, 0.0)?;
-        let x = x64.to_dtype(DType::F32)?;
-        let reference = x64.gelu_erf()?;
-        let err = (gelu(&x)?.to_dtype(DType::F64)? - &reference)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f64>()?;
-        assert!(err < 1e-6, "gelu differs from the f64 reference by {err}");
-
-        let xv = candle_core::Var::from_tensor(&x)?;
-        let grads = gelu(xv.as_tensor())?.sum_all()?.backward()?;
-        let g = grads.get(xv.as_tensor()).expect("gradient").to_dtype(DType::F64)?;
-        let xv64 = candle_core::Var::from_tensor(&x64)?;
-        let grads64 = xv64.as_tensor().gelu_erf()?.sum_all()?.backward()?;
-        let g64 = grads64.get(xv64.as_tensor()).expect("gradient");
-        let err = (g - g64)?.abs()?.max_all()?.to_scalar::<f64>()?;
-        assert!(err < 1e-6, "gelu gradient differs from the f64 reference by {err}");
-        Ok(())
-    }
-
-    #[test]
-    fn fast_exp_is_accurate() {
-        for i in -8700..8800 {
-            let x = i as f32 * 0.01;
-            let (a, b) = (exp_f32(x), x.exp());
-            assert!((a - b).abs() <= 4e-7 * b.abs() + 1e-37, "exp({x}) = {a}, want {b}");
-        }
-    }
-}

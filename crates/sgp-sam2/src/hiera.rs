@@ -36,19 +36,27 @@ impl MultiScaleAttention {
         let (b, h, w, _) = x.dims4()?;
         let nh = self.num_heads;
         let hd = self.dim_out / nh;
-        let qkv = self.qkv.forward(x)?.reshape((b, h * w, 3, nh, hd))?;
+        let qkv_map = self.qkv.forward(x)?; // [B, H, W, 3·dim_out], channels (3, nh, hd)
+        let qkv = qkv_map.reshape((b, h * w, 3, nh, hd))?;
         let q = qkv.narrow(2, 0, 1)?.squeeze(2)?;
         let k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
         let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
         let (q, h, w) = match self.q_stride {
             Some(s) => {
-                let q = q.reshape((b, h, w, nh * hd))?;
-                let q = max_pool_nhwc(&q, s)?;
+                // Pool the q channels of the qkv map in place (no reshape copy of the view).
+                let q = max_pool_nhwc(&qkv_map.narrow(3, 0, nh * hd)?, s)?;
                 let (_, h2, w2, _) = q.dims4()?;
                 (q.reshape((b, h2 * w2, nh, hd))?, h2, w2)
             }
             None => (q, h, w),
         };
+        let tracked = q.track_op() || k.track_op() || v.track_op();
+        if !tracked && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
+            // Inference: attention straight on the qkv views, result already [B, L, nh, hd].
+            let o = sgp_kernels::attention::attention_blhd(&q, &k, &v)
+                .map_err(|e| candle_core::Error::Msg(format!("hiera attention: {e}")))?;
+            return self.proj.forward(&o.reshape((b, h, w, self.dim_out))?);
+        }
         // [B, nh, L, hd]
         let q = q.transpose(1, 2)?.contiguous()?;
         let k = k.transpose(1, 2)?.contiguous()?;
@@ -73,6 +81,9 @@ fn max_pool_nhwc(x: &Tensor, s: [usize; 2]) -> Result<Tensor> {
             .max_keepdim(4)?
             .max_keepdim(2)?
             .reshape((b, ho, wo, c));
+    }
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return sgp_kernels::pool::max_pool_nhwc(x, s).map_err(|e| candle_core::Error::Msg(format!("q pooling: {e}")));
     }
     let y = x.permute((0, 3, 1, 2))?.contiguous()?;
     let y = y.max_pool2d_with_stride((s[0], s[1]), (s[0], s[1]))?;
