@@ -121,7 +121,8 @@ const FUSED_MIN_KEYS: usize = 1024;
 ///
 /// Long inference attentions go through the tiled online-softmax kernel of `sgp-kernels`
 /// with an all-ones key map, whose bias `ln 1 = 0` leaves plain attention: no L×L score
-/// matrix is materialised. Tracked (training) inputs use the differentiable composition.
+/// matrix is materialised; shorter ones through its strided dense kernel, without copies.
+/// Tracked (training) inputs use the differentiable composition.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let lk = k.dim(2)?;
     let tracked = q.track_op() || k.track_op() || v.track_op();
@@ -131,6 +132,16 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Resul
         let opts = sgp_kernels::masked_attention::MaskedAttentionOptions::default();
         return sgp_kernels::masked_attention::masked_attention(q, k, v, &keep_all, &opts)
             .map_err(|e| candle_core::Error::Msg(format!("fused attention: {e}")));
+    }
+    if !tracked && q.device().is_cpu() && q.dtype() == DType::F32 {
+        // Short key sets: the strided kernel reads [B, L, H, D] views of the same buffers.
+        let blhd = |x: &Tensor| -> Result<Tensor> {
+            let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
+            x.transpose(1, 2)
+        };
+        let o = sgp_kernels::attention::attention_blhd(&blhd(q)?, &blhd(k)?, &blhd(v)?)
+            .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))?;
+        return o.transpose(1, 2);
     }
     attention_chunked(q, k, v, MAX_SCORE_ELEMS)
 }

@@ -127,9 +127,22 @@ impl Attention {
 
     /// `q` `[B, Nq, C]`, `k`/`v` `[B, Nk, Ckv]` -> `[B, Nq, C]`.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let q = self.separate_heads(&self.q_proj.forward(q)?)?;
-        let k = self.separate_heads(&self.k_proj.forward(k)?)?;
-        let v = self.separate_heads(&self.v_proj.forward(v)?)?;
+        let (q, k, v) = (self.q_proj.forward(q)?, self.k_proj.forward(k)?, self.v_proj.forward(v)?);
+        let tracked = q.track_op() || k.track_op() || v.track_op();
+        if !tracked && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
+            // Inference: heads as [B, N, H, d] views of the projections, no transposes.
+            let heads = |x: &Tensor| -> Result<Tensor> {
+                let (b, n, c) = x.dims3()?;
+                x.reshape((b, n, self.num_heads, c / self.num_heads))
+            };
+            let (b, nq, _) = q.dims3()?;
+            let out = sgp_kernels::attention::attention_blhd(&heads(&q)?, &heads(&k)?, &heads(&v)?)
+                .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))?;
+            return self.out_proj.forward(&out.reshape((b, nq, self.internal_dim))?);
+        }
+        let q = self.separate_heads(&q)?;
+        let k = self.separate_heads(&k)?;
+        let v = self.separate_heads(&v)?;
         let (b, h, nq, d) = q.dims4()?;
         let scale = 1.0 / (d as f64).sqrt();
         let attn = (q.matmul(&k.t()?)? * scale)?;
