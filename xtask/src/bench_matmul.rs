@@ -1,5 +1,5 @@
 //! `cargo xtask bench matmul`: f32 linear-layer throughput (`x · wᵀ`, GFLOP/s) at the
-//! shapes Hiera runs, ours (candle's CPU matmul, the `gemm` crate) beside PyTorch's in the
+//! shapes Hiera runs, ours (`sgp_kernels::linear` on the `gemm` crate) beside PyTorch's in the
 //! same run. It gives the machine's measured matmul peak that the encoder's effective
 //! GFLOP/s is compared against.
 
@@ -44,9 +44,9 @@ fn ours_ms(m: usize, k: usize, n: usize, iters: usize) -> anyhow::Result<f64> {
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
     let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-    let wt = w.t()?;
-    x.matmul(&wt)?;
-    crate::bench_sam2::time_ms(0, iters, || Ok(x.matmul(&wt)?))
+    // The layer our models run: `sgp_kernels::linear` (one gemm, no bias here, like F.linear(x, w)).
+    sgp_kernels::linear::linear(&x, &w, None)?;
+    crate::bench_sam2::time_ms(0, iters, || Ok(sgp_kernels::linear::linear(&x, &w, None)?))
 }
 
 fn torch_results(args: &Args, threads: usize) -> anyhow::Result<Vec<f64>> {

@@ -34,10 +34,14 @@ pub(crate) fn view<'a>(name: &str, storage: &'a CpuStorage, layout: &Layout) -> 
     let dims = layout.dims();
     let st = layout.stride();
     if dims.len() != 4 {
-        return Err(Error::Shape(format!("attention: {name} must be [B, L, H, D], got {dims:?}")));
+        return Err(Error::Shape(format!(
+            "attention: {name} must be [B, L, H, D], got {dims:?}"
+        )));
     }
     if st[3] != 1 && dims[3] > 1 {
-        return Err(Error::Shape(format!("attention: {name} needs unit stride on D, got {st:?}")));
+        return Err(Error::Shape(format!(
+            "attention: {name} needs unit stride on D, got {st:?}"
+        )));
     }
     let v = View {
         data,
@@ -48,7 +52,9 @@ pub(crate) fn view<'a>(name: &str, storage: &'a CpuStorage, layout: &Layout) -> 
     // The furthest element read must lie inside the buffer (the gemm calls below read raw).
     let last = v.offset + (0..3).map(|i| (v.dims[i].max(1) - 1) * v.strides[i]).sum::<usize>() + v.dims[3];
     if v.dims.contains(&0) || last > data.len() {
-        return Err(Error::Shape(format!("attention: {name} view {dims:?}/{st:?} is empty or out of its buffer")));
+        return Err(Error::Shape(format!(
+            "attention: {name} view {dims:?}/{st:?} is empty or out of its buffer"
+        )));
     }
     Ok(v)
 }
@@ -177,7 +183,10 @@ fn softmax_in_place(row: &mut [f32]) {
             *m = m.max(x);
         }
     }
-    let m = chunks.remainder().iter().fold(mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b));
+    let m = chunks
+        .remainder()
+        .iter()
+        .fold(mx.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b));
     let mut acc = [0f32; 16];
     let mut chunks = row.chunks_exact_mut(16);
     for c in &mut chunks {
@@ -216,7 +225,13 @@ mod tests {
     fn strided_views_match_the_composition() -> Result<()> {
         let dev = Device::Cpu;
         // (batch, lq, lk, heads, d): windows, pooled queries, a long key set over blocks.
-        for &(b, lq, lk, h, d) in &[(3, 16, 16, 2, 8), (2, 16, 64, 1, 12), (1, 300, 1100, 2, 16), (2, 40, 196, 2, 24), (1, 5, 7, 3, 1)] {
+        for &(b, lq, lk, h, d) in &[
+            (3, 16, 16, 2, 8),
+            (2, 16, 64, 1, 12),
+            (1, 300, 1100, 2, 16),
+            (2, 40, 196, 2, 24),
+            (1, 5, 7, 3, 1),
+        ] {
             let qkv = Tensor::randn(0f32, 1.0, (b, lk, 3, h, d), &dev)?;
             let k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
             let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;

@@ -5,6 +5,7 @@
 //! - [`masked_attention`]: attention with a probability-map key bias (soft) or key mask
 //!   (hard), tiled with an online softmax; CPU and, under feature `cuda`, CUDA; with backward.
 //! - [`attention`]: plain attention on strided `[B, L, H, D]` views, for inference.
+//! - [`linear`]: `x Wᵀ + b` in one gemm call with the bias fused, for inference.
 //! - [`pool`]: channels-last max pooling on strided views, for inference.
 //! - [`activation`]: a one-pass GELU (erf form) with its backward.
 //! - [`math`]: a vectorisable f32 `exp` that the kernels and the GELU share.
@@ -38,6 +39,7 @@
 pub mod activation;
 pub mod attention;
 mod error;
+pub mod linear;
 pub mod masked_attention;
 pub mod math;
 pub mod pool;

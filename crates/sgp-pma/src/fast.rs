@@ -237,4 +237,3 @@ pub(crate) fn depth_to_space_2(x: &Tensor, c: usize) -> candle_core::Result<Opti
     };
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
-

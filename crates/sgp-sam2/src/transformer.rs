@@ -127,7 +127,11 @@ impl Attention {
 
     /// `q` `[B, Nq, C]`, `k`/`v` `[B, Nk, Ckv]` -> `[B, Nq, C]`.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (q, k, v) = (self.q_proj.forward(q)?, self.k_proj.forward(k)?, self.v_proj.forward(v)?);
+        let (q, k, v) = (
+            self.q_proj.forward(q)?,
+            self.k_proj.forward(k)?,
+            self.v_proj.forward(v)?,
+        );
         let tracked = q.track_op() || k.track_op() || v.track_op();
         if !tracked && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
             // Inference: heads as [B, N, H, d] views of the projections, no transposes.
