@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::math::exp_f32;
-use crate::{Error, Result};
+use crate::{Error, Result, SendPtr};
 
 /// Score elements per task: a query block holds about this many (in L2 with its rows).
 const SCORE_BLOCK_ELEMS: usize = 1 << 15;
@@ -59,17 +59,6 @@ pub(crate) fn view<'a>(name: &str, storage: &'a CpuStorage, layout: &Layout) -> 
     Ok(v)
 }
 
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: tasks write disjoint (row, head) blocks of the output.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `softmax(q kᵀ / √D) v` for f32 CPU views `q` `[B, Lq, H, D]`, `k`, `v` `[B, Lk, H, D]`
 /// (any strides with unit stride on D, e.g. `narrow`s of a `qkv` output). Returns
 /// `[B, Lq, H, D]`, contiguous.
@@ -103,7 +92,7 @@ fn attention_views(q: &View, k: &View, v: &View) -> Vec<f32> {
     let q_blocks = lq.div_ceil(nq_block);
     let scale = 1.0 / (d as f32).sqrt();
     let mut out: Vec<f32> = vec![0f32; b * lq * h * d];
-    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let out_ptr = SendPtr(out.as_mut_ptr());
     let tasks = b * h * q_blocks;
     (0..tasks).into_par_iter().with_min_len(4).for_each_init(
         || vec![0f32; nq_block * lk],

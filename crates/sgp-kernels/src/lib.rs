@@ -47,3 +47,19 @@ pub mod resize;
 pub mod testing;
 
 pub use error::{Error, Result};
+
+/// A raw output pointer that parallel tasks share, each writing a region no other task
+/// touches (documented at each use); the owning buffer outlives the parallel loop.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: see above: tasks write disjoint regions of a buffer that outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method (not field access) so closures capture the Send wrapper, not the pointer.
+    #[inline]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}

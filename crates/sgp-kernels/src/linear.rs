@@ -7,23 +7,12 @@
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::{Error, Result};
+use crate::{Error, Result, SendPtr};
 
 /// Below this many rows, and with at least this many output columns per thread, the
 /// threads split the output columns (measured with `cargo xtask bench matmul`).
 const SHORT_ROWS: usize = 512;
 const MIN_SPLIT_COLS: usize = 128;
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: the tasks that share it write disjoint column bands.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `dst (m×n, row stride ld) [+]= x (m×k) · w (n×k)ᵀ`.
 ///
@@ -120,7 +109,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
             // Few rows, wide output (Hiera's last stages): gemm's own split over rows leaves
             // cores idle; give each thread a band of output columns instead.
             let band = n.div_ceil(threads);
-            let out_ptr = SyncPtr(out.as_mut_ptr());
+            let out_ptr = SendPtr(out.as_mut_ptr());
             (0..n.div_ceil(band)).into_par_iter().for_each(|t| {
                 let j0 = t * band;
                 let nb = band.min(n - j0);

@@ -14,6 +14,8 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
+use crate::SendPtr;
+
 use super::MaskMode;
 
 /// Query rows per forward task (the rows share each K/V tile while it is in cache).
@@ -52,22 +54,6 @@ impl Problem<'_> {
         assert_eq!(self.q.len(), self.b * self.h * self.lq * self.d);
         assert_eq!(self.kv.len(), self.b * self.h * self.lk * 2 * self.d);
         assert_eq!(self.bias.len(), rows * self.lk);
-    }
-}
-
-/// A raw pointer that tasks write through at disjoint offsets.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: every user writes a range of rows that no other task touches (documented at
-// each use), and the owning Vec outlives the parallel loop.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// A method (not field access) so closures capture the Send wrapper, not the pointer.
-    #[inline]
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
