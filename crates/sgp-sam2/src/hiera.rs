@@ -249,7 +249,12 @@ pub struct Hiera {
     stage_ends: Vec<usize>,
     return_interm_layers: bool,
     channel_list: Vec<usize>,
+    /// The last frozen position embedding, keyed by the two tensors' ids and the grid:
+    /// the bicubic resize is the same for every image of a size (never used for Vars).
+    pos_cache: std::sync::Arc<std::sync::Mutex<Option<PosCacheEntry>>>,
 }
+
+type PosCacheEntry = ((candle_core::TensorId, candle_core::TensorId, usize, usize), Tensor);
 
 impl Hiera {
     pub fn new(cfg: &HieraConfig, vb: VarBuilder) -> Result<Self> {
@@ -321,6 +326,7 @@ impl Hiera {
             stage_ends,
             return_interm_layers: cfg.return_interm_layers,
             channel_list,
+            pos_cache: Default::default(),
         })
     }
 
@@ -331,6 +337,23 @@ impl Hiera {
 
     /// The position embedding for an `h×w` patch grid, `[1, h, w, C]`.
     pub fn pos_embed_for(&self, h: usize, w: usize) -> Result<Tensor> {
+        let frozen = !self.pos_embed.track_op() && !self.pos_embed_window.track_op();
+        if !frozen {
+            return self.compute_pos_embed(h, w);
+        }
+        let key = (self.pos_embed.id(), self.pos_embed_window.id(), h, w);
+        let mut cache = self.pos_cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((k, t)) = cache.as_ref() {
+            if *k == key {
+                return Ok(t.clone());
+            }
+        }
+        let t = self.compute_pos_embed(h, w)?.contiguous()?;
+        *cache = Some((key, t.clone()));
+        Ok(t)
+    }
+
+    fn compute_pos_embed(&self, h: usize, w: usize) -> Result<Tensor> {
         let pe = resize_bicubic(&self.pos_embed, h, w)?;
         let (_, _, wh, ww) = self.pos_embed_window.dims4()?;
         if !h.is_multiple_of(wh) || !w.is_multiple_of(ww) {
@@ -390,6 +413,31 @@ fn resize_bicubic(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn cached_pos_embed_equals_a_fresh_one_and_follows_new_weights() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg =
+            crate::config::Sam2Config::preset("sam2.1_hiera_t").map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &dev);
+        let mut hiera = Hiera::new(&cfg.image_encoder.trunk, vb)?;
+        // Frozen copies (plain tensors), as inference loads them.
+        hiera.pos_embed = (Tensor::randn(0f32, 1.0, hiera.pos_embed.dims(), &dev)?).detach();
+        hiera.pos_embed_window = Tensor::randn(0f32, 1.0, hiera.pos_embed_window.dims(), &dev)?.detach();
+        let first = hiera.pos_embed_for(32, 32)?;
+        let again = hiera.pos_embed_for(32, 32)?;
+        let fresh = hiera.compute_pos_embed(32, 32)?;
+        assert_eq!(sgp_kernels::testing::max_abs_diff(&first, &fresh).unwrap(), 0.0);
+        assert_eq!(sgp_kernels::testing::max_abs_diff(&again, &fresh).unwrap(), 0.0);
+        // New weights: the cache must not answer with the old ones.
+        hiera.pos_embed = (&hiera.pos_embed * 2.0)?;
+        let changed = hiera.pos_embed_for(32, 32)?;
+        let fresh = hiera.compute_pos_embed(32, 32)?;
+        assert_eq!(sgp_kernels::testing::max_abs_diff(&changed, &fresh).unwrap(), 0.0);
+        assert!(sgp_kernels::testing::max_abs_diff(&changed, &first).unwrap() > 0.0);
+        Ok(())
+    }
 
     #[test]
     fn window_partition_pads_and_unpartition_restores() {
