@@ -1,8 +1,8 @@
 //! `y = x Wᵀ + b` for inference on the CPU in one `gemm` call.
 //!
-//! candle's matmul zero-fills its output, and the bias is a second full pass with its own
-//! output buffer. Here the output starts as the bias rows and `gemm` accumulates `x Wᵀ`
-//! into it: one buffer, one pass, for every linear layer of the encoder and decoder.
+//! candle's matmul output is followed by a bias pass that allocates a second full-size
+//! buffer. Here the output starts as the bias rows and `gemm` accumulates `x Wᵀ` into
+//! it: one buffer for every linear layer of the encoder and decoder.
 
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;

@@ -86,14 +86,14 @@ impl AdaptableLinear {
 
     /// The base layer alone, without the adapter.
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
-        let tracked = x.track_op() || self.weight.track_op() || self.bias.as_ref().is_some_and(|b| b.track_op());
-        let f32 = candle_core::DType::F32;
-        let all_f32 =
-            x.dtype() == f32 && self.weight.dtype() == f32 && self.bias.as_ref().is_none_or(|b| b.dtype() == f32);
-        if !tracked && x.device().is_cpu() && all_f32 {
+        let params: Vec<&Tensor> = std::iter::once(x)
+            .chain(Some(&self.weight))
+            .chain(self.bias.as_ref())
+            .collect();
+        if crate::ops::untracked_cpu_f32(&params) {
             // Inference: one gemm with the bias fused (no zero-fill, no second pass).
             return sgp_kernels::linear::linear(x, &self.weight, self.bias.as_ref())
-                .map_err(|e| candle_core::Error::Msg(format!("linear: {e}")));
+                .map_err(crate::ops::kernel_err("linear"));
         }
         let w = self.weight.t()?;
         let y = match *x.dims() {

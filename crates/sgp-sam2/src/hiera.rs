@@ -50,11 +50,10 @@ impl MultiScaleAttention {
             }
             None => (q, h, w),
         };
-        let tracked = q.track_op() || k.track_op() || v.track_op();
-        if !tracked && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
+        if crate::ops::untracked_cpu_f32(&[&q, &k, &v]) {
             // Inference: attention straight on the qkv views, result already [B, L, nh, hd].
             let o = sgp_kernels::attention::attention_blhd(&q, &k, &v)
-                .map_err(|e| candle_core::Error::Msg(format!("hiera attention: {e}")))?;
+                .map_err(crate::ops::kernel_err("hiera attention"))?;
             return self.proj.forward(&o.reshape((b, h, w, self.dim_out))?);
         }
         // [B, nh, L, hd]
@@ -83,7 +82,7 @@ fn max_pool_nhwc(x: &Tensor, s: [usize; 2]) -> Result<Tensor> {
             .reshape((b, ho, wo, c));
     }
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        return sgp_kernels::pool::max_pool_nhwc(x, s).map_err(|e| candle_core::Error::Msg(format!("q pooling: {e}")));
+        return sgp_kernels::pool::max_pool_nhwc(x, s).map_err(crate::ops::kernel_err("q pooling"));
     }
     let y = x.permute((0, 3, 1, 2))?.contiguous()?;
     let y = y.max_pool2d_with_stride((s[0], s[1]), (s[0], s[1]))?;

@@ -15,6 +15,18 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
+/// Whether the kernels' inference fast paths apply: every tensor on the CPU, f32, and
+/// untracked by autograd (tracked ones keep candle's differentiable ops).
+pub(crate) fn untracked_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
+}
+
+/// An `sgp-kernels` error as a candle error, naming the op.
+pub(crate) fn kernel_err(what: &'static str) -> impl Fn(sgp_kernels::Error) -> candle_core::Error {
+    move |e| candle_core::Error::Msg(format!("{what}: {e}"))
+}
+
 /// Softmax over the last dimension; differentiable when `x` is tracked.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.track_op() {
@@ -125,22 +137,22 @@ const FUSED_MIN_KEYS: usize = 1024;
 /// Tracked (training) inputs use the differentiable composition.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let lk = k.dim(2)?;
-    let tracked = q.track_op() || k.track_op() || v.track_op();
-    if !tracked && q.device().is_cpu() && q.dtype() == DType::F32 && lk >= FUSED_MIN_KEYS {
+    let fast = untracked_cpu_f32(&[q, k, v]);
+    if fast && lk >= FUSED_MIN_KEYS {
         let b = q.dim(0)?;
         let keep_all = Tensor::ones((b, lk), DType::F32, q.device())?;
         let opts = sgp_kernels::masked_attention::MaskedAttentionOptions::default();
         return sgp_kernels::masked_attention::masked_attention(q, k, v, &keep_all, &opts)
-            .map_err(|e| candle_core::Error::Msg(format!("fused attention: {e}")));
+            .map_err(kernel_err("fused attention"));
     }
-    if !tracked && q.device().is_cpu() && q.dtype() == DType::F32 {
+    if fast {
         // Short key sets: the strided kernel reads [B, L, H, D] views of the same buffers.
         let blhd = |x: &Tensor| -> Result<Tensor> {
             let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
             x.transpose(1, 2)
         };
-        let o = sgp_kernels::attention::attention_blhd(&blhd(q)?, &blhd(k)?, &blhd(v)?)
-            .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))?;
+        let o =
+            sgp_kernels::attention::attention_blhd(&blhd(q)?, &blhd(k)?, &blhd(v)?).map_err(kernel_err("attention"))?;
         return o.transpose(1, 2);
     }
     attention_chunked(q, k, v, MAX_SCORE_ELEMS)

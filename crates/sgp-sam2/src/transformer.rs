@@ -132,8 +132,7 @@ impl Attention {
             self.k_proj.forward(k)?,
             self.v_proj.forward(v)?,
         );
-        let tracked = q.track_op() || k.track_op() || v.track_op();
-        if !tracked && q.device().is_cpu() && q.dtype() == candle_core::DType::F32 {
+        if crate::ops::untracked_cpu_f32(&[&q, &k, &v]) {
             // Inference: heads as [B, N, H, d] views of the projections, no transposes.
             let heads = |x: &Tensor| -> Result<Tensor> {
                 let (b, n, c) = x.dims3()?;
@@ -141,7 +140,7 @@ impl Attention {
             };
             let (b, nq, _) = q.dims3()?;
             let out = sgp_kernels::attention::attention_blhd(&heads(&q)?, &heads(&k)?, &heads(&v)?)
-                .map_err(|e| candle_core::Error::Msg(format!("attention: {e}")))?;
+                .map_err(crate::ops::kernel_err("attention"))?;
             return self.out_proj.forward(&out.reshape((b, nq, self.internal_dim))?);
         }
         let q = self.separate_heads(&q)?;
