@@ -25,6 +25,9 @@ enum What {
     Head(crate::bench_head::Args),
     /// f32 matmul throughput at Hiera's linear shapes (candle vs torch), GFLOP/s.
     Matmul(crate::bench_matmul::Args),
+    /// One training step (forward + backward + AdamW) beside the official PyTorch SAM2
+    /// doing the same step: ms, images/s, peak memory.
+    Train(crate::bench_train::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -34,6 +37,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         What::Support(a) => crate::bench_support::run(a),
         What::Head(a) => crate::bench_head::run(a),
         What::Matmul(a) => crate::bench_matmul::run(a),
+        What::Train(a) => crate::bench_train::run(a),
     }
 }
 

@@ -153,7 +153,7 @@ pub(crate) fn python_bench(python: &str, args: &[String]) -> anyhow::Result<std:
         .with_context(|| format!("cannot run {python}"))
 }
 
-fn vm_hwm_mb() -> anyhow::Result<f64> {
+pub(crate) fn vm_hwm_mb() -> anyhow::Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
     let kb: f64 = line.split_whitespace().nth(1).context("VmHWM value")?.parse()?;

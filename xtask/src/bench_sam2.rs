@@ -54,7 +54,7 @@ pub struct Args {
 /// (stage, size) -> median ms.
 type Timings = BTreeMap<(String, usize), f64>;
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n == 0 {

@@ -8,6 +8,7 @@ mod bench_matmul;
 mod bench_propagate;
 mod bench_sam2;
 mod bench_support;
+mod bench_train;
 mod data;
 mod eval;
 mod evaluate;

@@ -461,6 +461,30 @@ impl TrainData {
     }
 }
 
+/// The loss of one query × class on model-ready tensors: `image` `[3, S, S]`
+/// (normalised), `target` `[1, 1, S, S]` in {0, 1}, the class's supports (ordered least →
+/// most similar). What one micro-batch of training computes before `backward`.
+pub fn model_loss(
+    model: &SgpModel,
+    image: &Tensor,
+    target: &Tensor,
+    class: u32,
+    supports: &[SupportItem],
+    weights: &LossWeights,
+) -> Result<crate::loss::LossOutput> {
+    let fwd = model.forward(image, class, supports)?;
+    sgp_loss(
+        &LossInputs {
+            logits: &fwd.final_logits,
+            target,
+            pseudo_logits: fwd.pseudo_logits.as_ref(),
+            object_scores: fwd.object_scores.iter().collect(),
+            classes: &[class],
+        },
+        weights,
+    )
+}
+
 /// Options that do not change the result (not part of the config).
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -718,18 +742,8 @@ impl Trainer {
             .iter()
             .map(|&i| self.data.support_item(i, class, dev))
             .collect::<Result<_>>()?;
-        let fwd = self.model.forward(&x, class, &items)?;
         let target = Plane::mask_of(labels, class, dev)?.unsqueeze(0)?.unsqueeze(0)?;
-        sgp_loss(
-            &LossInputs {
-                logits: &fwd.final_logits,
-                target: &target,
-                pseudo_logits: fwd.pseudo_logits.as_ref(),
-                object_scores: fwd.object_scores.iter().collect(),
-                classes: &[class],
-            },
-            &self.config.loss,
-        )
+        model_loss(&self.model, &x, &target, class, &items, &self.config.loss)
     }
 
     /// One optimiser update (`accumulation` micro-batches); returns the mean loss terms.
