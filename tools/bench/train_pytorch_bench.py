@@ -136,22 +136,27 @@ def timed(a):
     inp = load_file(os.path.join(a.dir, "inputs.safetensors"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    times, first = [], None
+    times, parts, first = [], [], None
     for i in range(a.warmup + a.iters):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss, terms = step_loss(model, inp)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        dt = (time.perf_counter() - t0) * 1e3
+        t3 = time.perf_counter()
         if first is None:
             first = dict(terms, total=loss.item())
         if i >= a.warmup:
-            times.append(dt)
+            times.append((t3 - t0) * 1e3)
+            parts.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3))
     print(json.dumps({
         "mode": "time", "size": a.size, "supports": inp["support_images"].shape[0], "torch": torch.__version__,
-        "threads": a.threads, "ms_per_step": statistics.median(times), "first_loss": first,
+        "threads": a.threads, "ms_per_step": statistics.median(times),
+        "forward_ms": statistics.median(p[0] for p in parts), "backward_ms": statistics.median(p[1] for p in parts),
+        "update_ms": statistics.median(p[2] for p in parts), "first_loss": first,
         "trainable_params": sum(p.numel() for p in params),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }))

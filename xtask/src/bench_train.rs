@@ -178,18 +178,23 @@ fn child(args: &Args, dir: &Path, size: usize) -> anyhow::Result<()> {
     let mut optimizer = AdamW::new(model.trainable_vars(), AdamWConfig::default(), schedule, Some(1.0), 1)?;
     let weights = LossWeights::default();
     let mut times = Vec::new();
+    let mut parts = Vec::new();
     let mut first = None;
     for i in 0..args.warmup + args.iters {
         let t0 = Instant::now();
         let out = sgp::train::model_loss(&model, &inputs.query, &inputs.target, 1, &inputs.supports, &weights)?;
+        let t1 = Instant::now();
         let grads = out.total.backward()?;
+        let t2 = Instant::now();
         optimizer.accumulate(&grads)?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t3 = Instant::now();
         if first.is_none() {
             first = Some(out.breakdown);
         }
         if i >= args.warmup {
-            times.push(ms);
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            times.push(ms(t0, t3));
+            parts.push([ms(t0, t1), ms(t1, t2), ms(t2, t3)]);
         }
     }
     let first = first.context("no step ran")?;
@@ -197,6 +202,9 @@ fn child(args: &Args, dir: &Path, size: usize) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "ms_per_step": crate::bench_sam2::median(times),
+            "forward_ms": crate::bench_sam2::median(parts.iter().map(|p| p[0]).collect()),
+            "backward_ms": crate::bench_sam2::median(parts.iter().map(|p| p[1]).collect()),
+            "update_ms": crate::bench_sam2::median(parts.iter().map(|p| p[2]).collect()),
             "first_loss": {"dice": first.dice, "bce": first.bce, "object": first.object, "kl": first.kl, "total": first.total},
             "trainable_params": model.num_trainable(),
             "peak_rss_mb": vm_hwm_mb()?,
@@ -290,6 +298,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             f0(full.as_ref().and_then(|v| num(v, "peak_rss_mb"))),
         );
         checks.push((size, pmg, theirs));
+    }
+    println!();
+    println!("Where the PMG step's time goes (forward / backward / AdamW update, ms):");
+    for (size, pmg, theirs) in &checks {
+        let split = |v: &serde_json::Value| {
+            let f = |k: &str| v[k].as_f64().map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
+            format!("{} / {} / {}", f("forward_ms"), f("backward_ms"), f("update_ms"))
+        };
+        let py = theirs.as_ref().map(split).unwrap_or_else(|| "-".into());
+        println!("- {size}: ours {}, PyTorch {py}", split(pmg));
     }
     println!();
     println!("Same step? First-step loss terms (LoRA B = 0: the base model's) and trainable scalars:");

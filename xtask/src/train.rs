@@ -52,6 +52,13 @@ pub struct Args {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// How a query's supports are chosen: `similar` (the K most similar pool planes, as
+    /// at inference) or `random`.
+    #[arg(long, default_value = "similar", value_parser = ["similar", "random"])]
+    selection: String,
+    /// With `--selection similar`: re-embed the support pool every N updates (0: once).
+    #[arg(long)]
+    selection_refresh: Option<usize>,
     /// Table V ablation: train without support conditioning (no pseudo-mask, no box, no
     /// masked attention: SAM2 fine-tuned with the new head).
     #[arg(long)]
@@ -82,6 +89,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             cfg.steps = s.unwrap_or(2000);
             cfg.max_minutes = m;
         }
+    }
+    cfg.selection = match a.selection.as_str() {
+        "random" => sgp::train::TrainSelection::Random,
+        _ => sgp::train::TrainSelection::Similar,
+    };
+    if let Some(n) = a.selection_refresh {
+        cfg.selection_refresh = n;
     }
     if let Some(lr) = a.lr {
         cfg.optimizer.lr = lr;

@@ -1,4 +1,4 @@
-//! Plain softmax attention for inference on the CPU, reading `q`, `k`, `v` where they lie.
+//! Plain softmax attention on the CPU, reading `q`, `k`, `v` where they lie.
 //!
 //! Hiera's attention takes q, k and v from one `qkv` linear output `[B, L, 3, H, D]` and
 //! hands its result to a projection that wants `[B, L, H·D]`. Going through candle's
@@ -7,9 +7,9 @@
 //! per-op overheads cost several times the arithmetic. Here each (batch, head, query
 //! block) task runs two `gemm` calls on strided views, softmaxes its score block in
 //! place, and writes straight into the `[B, Lq, H, D]` output. Same function as
-//! `softmax(q kᵀ/√d) v` up to float rounding; no backward (training keeps candle's ops).
+//! `softmax(q kᵀ/√d) v` up to float rounding. Tracked inputs get a fused backward.
 
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::math::exp_f32;
@@ -62,9 +62,17 @@ pub(crate) fn view<'a>(name: &str, storage: &'a CpuStorage, layout: &Layout) -> 
 /// `softmax(q kᵀ / √D) v` for f32 CPU views `q` `[B, Lq, H, D]`, `k`, `v` `[B, Lk, H, D]`
 /// (any strides with unit stride on D, e.g. `narrow`s of a `qkv` output). Returns
 /// `[B, Lq, H, D]`, contiguous.
+///
+/// Differentiable: with a tracked input the result carries a fused backward (scores
+/// recomputed per query block, as flash attention does, so no `L×L` matrix outlives the
+/// forward) that produces the gradients of the tracked inputs only.
 pub fn attention_blhd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if !q.device().is_cpu() || q.dtype() != DType::F32 || k.dtype() != DType::F32 || v.dtype() != DType::F32 {
         return Err(Error::Unsupported("attention: CPU f32 tensors only".into()));
+    }
+    if q.track_op() || k.track_op() || v.track_op() {
+        // Same checks as below, through the op's forward.
+        return q.apply_op3(k, v, AttentionOp).map_err(Error::from);
     }
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
@@ -72,8 +80,22 @@ pub fn attention_blhd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs)) = (&*qs, &*ks, &*vs) else {
         return Err(Error::Unsupported("attention: CPU tensors only".into()));
     };
-    let (qv, kv, vv) = (view("q", qs, ql)?, view("k", ks, kl)?, view("v", vs, vl)?);
+    let (qv, kv, vv) = checked_views(qs, ql, ks, kl, vs, vl)?;
     let [b, lq, h, d] = qv.dims;
+    let out = attention_views(&qv, &kv, &vv);
+    Tensor::from_vec(out, (b, lq, h, d), q.device()).map_err(Error::from)
+}
+
+fn checked_views<'a>(
+    qs: &'a CpuStorage,
+    ql: &Layout,
+    ks: &'a CpuStorage,
+    kl: &Layout,
+    vs: &'a CpuStorage,
+    vl: &Layout,
+) -> Result<(View<'a>, View<'a>, View<'a>)> {
+    let (qv, kv, vv) = (view("q", qs, ql)?, view("k", ks, kl)?, view("v", vs, vl)?);
+    let [b, _, h, d] = qv.dims;
     let lk = kv.dims[1];
     if kv.dims != [b, lk, h, d] || vv.dims != kv.dims {
         return Err(Error::Shape(format!(
@@ -81,8 +103,229 @@ pub fn attention_blhd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             qv.dims, kv.dims, vv.dims
         )));
     }
-    let out = attention_views(&qv, &kv, &vv);
-    Tensor::from_vec(out, (b, lq, h, d), q.device()).map_err(Error::from)
+    Ok((qv, kv, vv))
+}
+
+/// The tracked attention: forward as [`attention_blhd`], backward by [`attention_backward`].
+struct AttentionOp;
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "sgp-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (qv, kv, vv) = checked_views(qs, ql, ks, kl, vs, vl).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let [b, lq, h, d] = qv.dims;
+        Ok((
+            CpuStorage::F32(attention_views(&qv, &kv, &vv)),
+            Shape::from((b, lq, h, d)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let want = [q.track_op(), k.track_op(), v.track_op()];
+        let [dq, dk, dv] =
+            attention_backward(q, k, v, grad, want).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((dq, dk, dv))
+    }
+}
+
+/// Gradients of `softmax(q kᵀ/√D) v` with respect to q, k, v (those `want`ed) for the
+/// upstream gradient `grad` `[B, Lq, H, D]`. Per (batch, head) task and query block of
+/// rows i: `P = softmax(s·Q_i Kᵀ)`, `dV += Pᵀ dO_i`, `dP = dO_i Vᵀ`,
+/// `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ_i = s·dS K`, `dK += s·dSᵀ Q_i`.
+fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    want: [bool; 3],
+) -> Result<[Option<Tensor>; 3]> {
+    let g = grad.detach().contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(vs), Storage::Cpu(gs)) = (&*qs, &*ks, &*vs, &*gs) else {
+        return Err(Error::Unsupported("attention backward: CPU tensors only".into()));
+    };
+    let (qv, kv, vv) = checked_views(qs, ql, ks, kl, vs, vl)?;
+    let gv = view("grad", gs, gl)?;
+    if gv.dims != qv.dims {
+        return Err(Error::Shape(format!(
+            "attention backward: grad {:?} for q {:?}",
+            gv.dims, qv.dims
+        )));
+    }
+    let [b, lq, h, d] = qv.dims;
+    let lk = kv.dims[1];
+    let nq_block = (SCORE_BLOCK_ELEMS / lk).clamp(32, 256).min(lq);
+    let scale = 1.0 / (d as f32).sqrt();
+    let row = h * d;
+    let mut dq = vec![0f32; if want[0] { b * lq * row } else { 0 }];
+    let mut dk = vec![0f32; if want[1] { b * lk * row } else { 0 }];
+    let mut dv = vec![0f32; if want[2] { b * lk * row } else { 0 }];
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
+    // Strided gemm: dst = [beta·]dst + alpha·lhs·rhs, every operand (ptr, col stride, row stride).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn mm(
+        m: usize,
+        n: usize,
+        kk: usize,
+        dst: (*mut f32, usize, usize),
+        accumulate: bool,
+        lhs: (*const f32, usize, usize),
+        rhs: (*const f32, usize, usize),
+        alpha: f32,
+    ) {
+        gemm::gemm(
+            m,
+            n,
+            kk,
+            dst.0,
+            dst.1 as isize,
+            dst.2 as isize,
+            accumulate,
+            lhs.0,
+            lhs.1 as isize,
+            lhs.2 as isize,
+            rhs.0,
+            rhs.1 as isize,
+            rhs.2 as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    (0..b * h).into_par_iter().for_each_init(
+        || (vec![0f32; nq_block * lk], vec![0f32; nq_block * lk]),
+        |(p, dp), bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            let at = |x: &View, l: usize| {
+                x.data[x.offset + bi * x.strides[0] + l * x.strides[1] + hi * x.strides[2]..].as_ptr()
+            };
+            let k_ptr = at(&kv, 0);
+            let v_ptr = at(&vv, 0);
+            // This task's (bi, ·, hi, ·) slices of the outputs.
+            let out_at = |ptr: SendPtr, l: usize, len: usize| ptr.get().wrapping_add((bi * len + l) * row + hi * d);
+            let mut q0 = 0;
+            while q0 < lq {
+                let nq = nq_block.min(lq - q0);
+                let (q_ptr, g_ptr) = (at(&qv, q0), at(&gv, q0));
+                let (p, dp) = (&mut p[..nq * lk], &mut dp[..nq * lk]);
+                // SAFETY: `checked_views`/`view` bound every (l, d) element of the inputs;
+                // p and dp hold nq×lk; each output slice (bi, ·, hi, ·) is this task's alone.
+                unsafe {
+                    mm(
+                        nq,
+                        lk,
+                        d,
+                        (p.as_mut_ptr(), 1, lk),
+                        false,
+                        (q_ptr, 1, qv.strides[1]),
+                        (k_ptr, kv.strides[1], 1),
+                        scale,
+                    );
+                }
+                for r in p.chunks_exact_mut(lk) {
+                    softmax_in_place(r);
+                }
+                unsafe {
+                    if want[2] {
+                        // dV [lk, d] += Pᵀ dO_i
+                        mm(
+                            lk,
+                            d,
+                            nq,
+                            (out_at(dv_ptr, 0, lk), 1, row),
+                            q0 > 0,
+                            (p.as_ptr(), lk, 1),
+                            (g_ptr, 1, gv.strides[1]),
+                            1.0,
+                        );
+                    }
+                    // dP = dO_i Vᵀ
+                    mm(
+                        nq,
+                        lk,
+                        d,
+                        (dp.as_mut_ptr(), 1, lk),
+                        false,
+                        (g_ptr, 1, gv.strides[1]),
+                        (v_ptr, vv.strides[1], 1),
+                        1.0,
+                    );
+                }
+                for (pr, dr) in p.chunks_exact(lk).zip(dp.chunks_exact_mut(lk)) {
+                    let di: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = pv * (*x - di);
+                    }
+                }
+                unsafe {
+                    if want[0] {
+                        // dQ_i = s·dS K
+                        mm(
+                            nq,
+                            d,
+                            lk,
+                            (out_at(dq_ptr, q0, lq), 1, row),
+                            false,
+                            (dp.as_ptr(), 1, lk),
+                            (k_ptr, 1, kv.strides[1]),
+                            scale,
+                        );
+                    }
+                    if want[1] {
+                        // dK [lk, d] += s·dSᵀ Q_i
+                        mm(
+                            lk,
+                            d,
+                            nq,
+                            (out_at(dk_ptr, 0, lk), 1, row),
+                            q0 > 0,
+                            (dp.as_ptr(), lk, 1),
+                            (q_ptr, 1, qv.strides[1]),
+                            scale,
+                        );
+                    }
+                }
+                q0 += nq;
+            }
+        },
+    );
+    let dev = q.device();
+    let make = |v: Vec<f32>, l: usize, on: bool| -> Result<Option<Tensor>> {
+        if on {
+            Ok(Some(Tensor::from_vec(v, (b, l, h, d), dev)?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok([make(dq, lq, want[0])?, make(dk, lk, want[1])?, make(dv, lk, want[2])?])
 }
 
 fn attention_views(q: &View, k: &View, v: &View) -> Vec<f32> {
@@ -234,6 +477,58 @@ mod tests {
             let err = crate::testing::max_abs_diff(&got, &want)?;
             assert!(err < 1e-5, "({b},{lq},{lk},{h},{d}): max diff {err}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_the_composition() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        for &(b, lq, lk, h, d) in &[(2, 16, 16, 2, 8), (1, 300, 1100, 2, 16), (2, 9, 40, 3, 5)] {
+            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, lk, 3, h, d), &dev)?)?;
+            let qp = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (b, lq, h, d), &dev)? * 2.0)?)?;
+            let up = Tensor::randn(0f32, 1.0, (b, lq, h, d), &dev)?;
+            let parts = |t: &Tensor| -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+                let k = t.narrow(2, 1, 1)?.squeeze(2)?;
+                let v = t.narrow(2, 2, 1)?.squeeze(2)?;
+                let q = if lq == lk {
+                    t.narrow(2, 0, 1)?.squeeze(2)?
+                } else {
+                    qp.as_tensor().clone()
+                };
+                Ok((q, k, v))
+            };
+            let (q, k, v) = parts(qkv.as_tensor())?;
+            let got = (attention_blhd(&q, &k, &v)? * &up)?.sum_all()?.backward()?;
+            // The f64 composition on the same variables.
+            let q64 = Var::from_tensor(&qp.as_tensor().to_dtype(DType::F64)?)?;
+            let qkv64 = Var::from_tensor(&qkv.as_tensor().to_dtype(DType::F64)?)?;
+            let k64 = qkv64.as_tensor().narrow(2, 1, 1)?.squeeze(2)?;
+            let v64 = qkv64.as_tensor().narrow(2, 2, 1)?.squeeze(2)?;
+            let qq64 = if lq == lk {
+                qkv64.as_tensor().narrow(2, 0, 1)?.squeeze(2)?
+            } else {
+                q64.as_tensor().clone()
+            };
+            let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+            let s = (t(&qq64)?.matmul(&t(&k64)?.transpose(2, 3)?.contiguous()?)? / (d as f64).sqrt())?;
+            let o = candle_nn::ops::softmax(&s, D::Minus1)?
+                .matmul(&t(&v64)?)?
+                .transpose(1, 2)?;
+            let want = (o * up.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+            let pairs = [(qkv.as_tensor(), qkv64.as_tensor()), (qp.as_tensor(), q64.as_tensor())];
+            for (ours, theirs) in pairs.iter().take(if lq == lk { 1 } else { 2 }) {
+                let g = got.get(ours).expect("gradient");
+                let r = want.get(theirs).unwrap().to_dtype(DType::F32)?;
+                let err = crate::testing::max_abs_diff(g, &r)?;
+                assert!(err < 1e-4, "({b},{lq},{lk},{h},{d}): gradient max diff {err}");
+            }
+        }
+        // Frozen k and v: only dq.
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 8, 2, 4), &dev)?)?;
+        let kv = Tensor::randn(0f32, 1.0, (1, 8, 2, 4), &dev)?;
+        let g = attention_blhd(q.as_tensor(), &kv, &kv)?.sum_all()?.backward()?;
+        assert!(g.get(q.as_tensor()).is_some() && g.get(&kv).is_none());
         Ok(())
     }
 

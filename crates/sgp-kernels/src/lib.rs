@@ -42,6 +42,7 @@ mod error;
 pub mod linear;
 pub mod masked_attention;
 pub mod math;
+pub mod norm;
 pub mod pool;
 pub mod resize;
 pub mod testing;

@@ -1,10 +1,10 @@
-//! `y = x Wᵀ + b` for inference on the CPU in one `gemm` call.
+//! `y = x Wᵀ + b` on the CPU in one `gemm` call, differentiable.
 //!
 //! candle's matmul output is followed by a bias pass that allocates a second full-size
 //! buffer. Here the output starts as the bias rows and `gemm` accumulates `x Wᵀ` into
 //! it: one buffer for every linear layer of the encoder and decoder.
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::{Error, Result, SendPtr};
@@ -55,6 +55,12 @@ unsafe fn gemm_rows(
 
 /// `x Wᵀ + b` for f32 CPU tensors: `x` `[..., k]` (made contiguous if it is not), `weight`
 /// `[n, k]`, `bias` `[n]`. Returns `[..., n]`.
+///
+/// Differentiable: when any input is tracked by autograd, the result carries a backward
+/// that computes the gradients of the *tracked* inputs only. candle's matmul backward
+/// computes both operands' gradients unconditionally, so a frozen weight (the Hiera
+/// trunk under LoRA) would cost one full weight-gradient matmul per layer, and its
+/// gradient buffer would stay alive until the backward pass ends.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let all_f32 = [Some(x), Some(weight), bias]
         .into_iter()
@@ -74,67 +80,205 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         }
     }
     let m = x.elem_count() / k.max(1);
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("x has a last dim") = n;
+    let tracked = [Some(x), Some(weight), bias]
+        .into_iter()
+        .flatten()
+        .any(|t| t.track_op());
+    if tracked {
+        let x2 = x.contiguous()?.reshape((m, k))?;
+        let w = weight.contiguous()?;
+        let y = match bias {
+            Some(b) => x2.apply_op3(&w, &b.contiguous()?, LinearOp)?,
+            None => x2.apply_op2(&w, LinearOp)?,
+        };
+        return y.reshape(out_dims).map_err(Error::from);
+    }
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     let bias = bias.map(|b| b.contiguous()).transpose()?;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("x has a last dim") = n;
-    let mut out = vec![0f32; m * n];
-    if m > 0 && n > 0 {
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = weight.storage_and_layout();
-        let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
-            return Err(Error::Unsupported("linear: CPU tensors only".into()));
-        };
-        let xd = &xs.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + m * k];
-        let wd = &ws.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + n * k];
-        if let Some(b) = &bias {
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = weight.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
+        return Err(Error::Unsupported("linear: CPU tensors only".into()));
+    };
+    let xd = contiguous_f32(xs, xl)?;
+    let wd = contiguous_f32(ws, wl)?;
+    let out = match &bias {
+        Some(b) => {
             let (bs, bl) = b.storage_and_layout();
             let Storage::Cpu(bs) = &*bs else {
                 return Err(Error::Unsupported("linear: CPU tensors only".into()));
             };
-            let bd = &bs.as_slice::<f32>()?[bl.start_offset()..bl.start_offset() + n];
-            out.par_chunks_mut(n)
-                .with_min_len(64)
-                .for_each(|row| row.copy_from_slice(bd));
+            linear_slices(xd, wd, Some(contiguous_f32(bs, bl)?), m, k, n)
         }
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        let read_dst = bias.is_some();
-        if threads > 1 && m < SHORT_ROWS && n >= threads * MIN_SPLIT_COLS {
-            // Few rows, wide output (Hiera's last stages): gemm's own split over rows leaves
-            // cores idle; give each thread a band of output columns instead.
-            let band = n.div_ceil(threads);
-            let out_ptr = SendPtr(out.as_mut_ptr());
-            (0..n.div_ceil(band)).into_par_iter().for_each(|t| {
-                let j0 = t * band;
-                let nb = band.min(n - j0);
-                // SAFETY: as below, restricted to columns j0..j0+nb, which this task alone writes.
-                unsafe {
-                    gemm_rows(
-                        m,
-                        nb,
-                        k,
-                        out_ptr.get().add(j0),
-                        n,
-                        read_dst,
-                        xd,
-                        &wd[j0 * k..],
-                        gemm::Parallelism::None,
-                    )
-                };
-            });
-        } else {
-            // SAFETY: out is m×n (row stride n), x is m×k (row stride k), Wᵀ element (kk, j)
-            // is w[j·k + kk] (column stride k, row stride 1); all inside their slices.
-            unsafe { gemm_rows(m, n, k, out.as_mut_ptr(), n, read_dst, xd, wd, parallelism) };
-        }
-    }
+        None => linear_slices(xd, wd, None, m, k, n),
+    };
     Tensor::from_vec(out, out_dims, x.device()).map_err(Error::from)
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("linear: expected f32, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("linear: non-contiguous operand"),
+    }
+}
+
+/// `x (m×k) · w (n×k)ᵀ [+ b (n)]` into a new m×n buffer.
+fn linear_slices(xd: &[f32], wd: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    if let Some(bd) = bias {
+        out.par_chunks_mut(n)
+            .with_min_len(64)
+            .for_each(|row| row.copy_from_slice(bd));
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let read_dst = bias.is_some();
+    if threads > 1 && m < SHORT_ROWS && n >= threads * MIN_SPLIT_COLS {
+        // Few rows, wide output (Hiera's last stages): gemm's own split over rows leaves
+        // cores idle; give each thread a band of output columns instead.
+        let band = n.div_ceil(threads);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..n.div_ceil(band)).into_par_iter().for_each(|t| {
+            let j0 = t * band;
+            let nb = band.min(n - j0);
+            // SAFETY: as below, restricted to columns j0..j0+nb, which this task alone writes.
+            unsafe {
+                gemm_rows(
+                    m,
+                    nb,
+                    k,
+                    out_ptr.get().add(j0),
+                    n,
+                    read_dst,
+                    xd,
+                    &wd[j0 * k..],
+                    gemm::Parallelism::None,
+                )
+            };
+        });
+    } else {
+        // SAFETY: out is m×n (row stride n), x is m×k (row stride k), Wᵀ element (kk, j)
+        // is w[j·k + kk] (column stride k, row stride 1); all inside their slices.
+        unsafe { gemm_rows(m, n, k, out.as_mut_ptr(), n, read_dst, xd, wd, parallelism) };
+    }
+    out
+}
+
+/// The tracked linear: forward as [`linear`], backward only for tracked operands.
+struct LinearOp;
+
+impl LinearOp {
+    fn forward(
+        &self,
+        xd: &[f32],
+        xl: &Layout,
+        wd: &[f32],
+        wl: &Layout,
+        bd: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, kw) = wl.shape().dims2()?;
+        if k != kw || bd.is_some_and(|b| b.len() != n) {
+            candle_core::bail!("linear: operands {:?}, {:?} do not fit", xl.shape(), wl.shape());
+        }
+        Ok((CpuStorage::F32(linear_slices(xd, wd, bd, m, k, n)), Shape::from((m, n))))
+    }
+
+    /// `(dx, dw)` for `grad` `[m, n]`; `None` for an untracked operand.
+    fn grads(x: &Tensor, w: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.detach();
+        let dx = if x.track_op() {
+            Some(g.matmul(&w.detach())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(g.t()?.matmul(&x.detach())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "sgp-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward(contiguous_f32(xs, xl)?, xl, contiguous_f32(ws, wl)?, wl, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Self::grads(x, w, grad)
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "sgp-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.forward(
+            contiguous_f32(xs, xl)?,
+            xl,
+            contiguous_f32(ws, wl)?,
+            wl,
+            Some(contiguous_f32(bs, bl)?),
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = Self::grads(x, w, grad)?;
+        let db = if b.track_op() {
+            Some(grad.detach().sum(0)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +314,49 @@ mod tests {
         let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
         assert!(crate::testing::max_abs_diff(&linear(&x, &w, Some(&b))?, &want)? < 1e-4);
         assert!(linear(&x, &w, Some(&w)).is_err());
+        Ok(())
+    }
+    #[test]
+    fn backward_matches_candle_and_skips_untracked_operands() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 7), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (11, 7), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 11, &dev)?)?;
+        let up = Tensor::randn(0f32, 1.0, (2, 5, 11), &dev)?;
+        let reference = x
+            .as_tensor()
+            .reshape((10, 7))?
+            .matmul(&w.as_tensor().t()?)?
+            .broadcast_add(b.as_tensor())?
+            .reshape((2, 5, 11))?;
+        let want = (&reference * &up)?.sum_all()?.backward()?;
+        let y = linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()))?;
+        assert!(crate::testing::max_abs_diff(&y, &reference)? < 1e-5);
+        let got = (&y * &up)?.sum_all()?.backward()?;
+        for v in [&x, &w, &b] {
+            let (g, r) = (got.get(v.as_tensor()).unwrap(), want.get(v.as_tensor()).unwrap());
+            assert!(crate::testing::max_abs_diff(g, r)? < 1e-4);
+        }
+        // A frozen weight and bias (plain tensors): only the input's gradient is made.
+        let (wf, bf) = (w.as_tensor().detach(), b.as_tensor().detach());
+        let y = linear(x.as_tensor(), &wf, Some(&bf))?;
+        let got = (&y * &up)?.sum_all()?.backward()?;
+        assert!(
+            crate::testing::max_abs_diff(got.get(x.as_tensor()).unwrap(), want.get(x.as_tensor()).unwrap())? < 1e-4
+        );
+        assert!(got.get(&wf).is_none() && got.get(&bf).is_none());
+        // Without bias, a tracked weight and an untracked input.
+        let xf = x.as_tensor().detach();
+        let y = linear(&xf, w.as_tensor(), None)?;
+        let got = (&y * &up)?.sum_all()?.backward()?;
+        let want = (xf.reshape((10, 7))?.matmul(&w.as_tensor().t()?)?.reshape((2, 5, 11))? * &up)?
+            .sum_all()?
+            .backward()?;
+        assert!(
+            crate::testing::max_abs_diff(got.get(w.as_tensor()).unwrap(), want.get(w.as_tensor()).unwrap())? < 1e-4
+        );
+        assert!(got.get(&xf).is_none());
         Ok(())
     }
 }

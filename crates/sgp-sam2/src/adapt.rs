@@ -90,8 +90,12 @@ impl AdaptableLinear {
             .chain(Some(&self.weight))
             .chain(self.bias.as_ref())
             .collect();
-        if crate::ops::untracked_cpu_f32(&params) {
-            // Inference: one gemm with the bias fused (no zero-fill, no second pass).
+        if params
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+        {
+            // One gemm with the bias fused; in training, a backward that skips the
+            // gradients of frozen weights (candle's matmul computes them regardless).
             return sgp_kernels::linear::linear(x, &self.weight, self.bias.as_ref())
                 .map_err(crate::ops::kernel_err("linear"));
         }

@@ -50,8 +50,9 @@ impl MultiScaleAttention {
             }
             None => (q, h, w),
         };
-        if crate::ops::untracked_cpu_f32(&[&q, &k, &v]) {
-            // Inference: attention straight on the qkv views, result already [B, L, nh, hd].
+        if crate::ops::cpu_f32(&[&q, &k, &v]) {
+            // Attention straight on the qkv views, result already [B, L, nh, hd] (in
+            // training too: the kernel has its own fused backward).
             let o = sgp_kernels::attention::attention_blhd(&q, &k, &v)
                 .map_err(crate::ops::kernel_err("hiera attention"))?;
             return self.proj.forward(&o.reshape((b, h, w, self.dim_out))?);

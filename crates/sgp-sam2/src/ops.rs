@@ -22,6 +22,11 @@ pub(crate) fn untracked_cpu_f32(ts: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
 }
 
+/// Whether every tensor is f32 on the CPU (the kernels with their own backward).
+pub(crate) fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
 /// An `sgp-kernels` error as a candle error, naming the op.
 pub(crate) fn kernel_err(what: &'static str) -> impl Fn(sgp_kernels::Error) -> candle_core::Error {
     move |e| candle_core::Error::Msg(format!("{what}: {e}"))
@@ -38,8 +43,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Layer norm over the last dimension with affine weight and bias.
 pub fn layer_norm_last_dim(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let tracked = x.track_op() || weight.track_op() || bias.track_op();
+    if tracked && x.device().is_cpu() && [x, weight, bias].iter().all(|t| t.dtype() == DType::F32) {
+        // Training on the CPU: one pass each way (candle's composition is ~20 ops).
+        return sgp_kernels::norm::layer_norm(x, weight, bias, eps).map_err(kernel_err("layer norm"));
+    }
     // The fast kernel has no f64 CPU version; the composition handles every dtype.
-    if x.track_op() || weight.track_op() || bias.track_op() || x.dtype() == DType::F64 {
+    if tracked || x.dtype() == DType::F64 {
         candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32)
     } else {
         candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32)
@@ -134,7 +144,7 @@ const FUSED_MIN_KEYS: usize = 1024;
 /// Long inference attentions go through the tiled online-softmax kernel of `sgp-kernels`
 /// with an all-ones key map, whose bias `ln 1 = 0` leaves plain attention: no L×L score
 /// matrix is materialised; shorter ones through its strided dense kernel, without copies.
-/// Tracked (training) inputs use the differentiable composition.
+/// Tracked inputs on other devices and dtypes use the differentiable composition.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let lk = k.dim(2)?;
     let fast = untracked_cpu_f32(&[q, k, v]);
@@ -145,8 +155,9 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Resul
         return sgp_kernels::masked_attention::masked_attention(q, k, v, &keep_all, &opts)
             .map_err(kernel_err("fused attention"));
     }
-    if fast {
-        // Short key sets: the strided kernel reads [B, L, H, D] views of the same buffers.
+    if fast || cpu_f32(&[q, k, v]) {
+        // Short key sets, and training on the CPU (fused backward, scores recomputed per
+        // query block): the strided kernel reads [B, L, H, D] views of the same buffers.
         let blhd = |x: &Tensor| -> Result<Tensor> {
             let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
             x.transpose(1, 2)

@@ -40,6 +40,9 @@ pub struct TrainState {
     pub best: Option<(f64, usize)>,
     /// Images seen so far (for throughput and logs).
     pub images_seen: usize,
+    /// The update at which the saved selection embeddings were computed.
+    #[serde(default)]
+    pub selection_step: Option<usize>,
 }
 
 /// A loaded checkpoint.
@@ -57,6 +60,9 @@ pub struct Checkpoint {
     pub params: BTreeMap<String, Tensor>,
     /// Optimiser state (`{name}.m`, `{name}.v`).
     pub optim: BTreeMap<String, Tensor>,
+    /// Other run state as tensors (`state.{name}`: the support pool's selection
+    /// embeddings).
+    pub extra: BTreeMap<String, Tensor>,
 }
 
 /// What to write.
@@ -72,6 +78,8 @@ pub struct CheckpointRef<'a> {
     pub params: &'a [(String, Tensor)],
     /// Optimiser state.
     pub optim: &'a BTreeMap<String, Tensor>,
+    /// Other run state (`state.{name}`).
+    pub extra: &'a BTreeMap<String, Tensor>,
 }
 
 /// Serialises and writes a checkpoint atomically.
@@ -90,6 +98,9 @@ pub fn to_bytes(ck: &CheckpointRef<'_>) -> Result<Vec<u8>> {
     }
     for (n, t) in ck.optim {
         tensors.push((format!("optim.{n}"), t.contiguous()?));
+    }
+    for (n, t) in ck.extra {
+        tensors.push((format!("state.{n}"), t.contiguous()?));
     }
     let mut seen = std::collections::BTreeSet::new();
     for (n, _) in &tensors {
@@ -142,11 +153,14 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
         .map_err(|e| bad(format!("cannot read its tensors: {e}")))?;
     let mut params = BTreeMap::new();
     let mut optim = BTreeMap::new();
+    let mut extra = BTreeMap::new();
     for (name, t) in all {
         if let Some(n) = name.strip_prefix("param.") {
             params.insert(n.to_string(), t);
         } else if let Some(n) = name.strip_prefix("optim.") {
             optim.insert(n.to_string(), t);
+        } else if let Some(n) = name.strip_prefix("state.") {
+            extra.insert(n.to_string(), t);
         } else {
             return Err(bad(format!("unexpected tensor `{name}`")));
         }
@@ -158,6 +172,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
         state,
         params,
         optim,
+        extra,
     })
 }
 
@@ -200,6 +215,7 @@ mod tests {
             position: 3,
             best: Some((0.5, 2)),
             images_seen: 8 * step,
+            selection_step: Some(step),
         };
         (params, optim, state)
     }
@@ -218,6 +234,7 @@ mod tests {
                 state: &state,
                 params: &params,
                 optim: &optim,
+                extra: &BTreeMap::new(),
             },
         )
         .unwrap();
@@ -262,6 +279,7 @@ mod tests {
                     state: &state,
                     params: &params,
                     optim: &optim,
+                    extra: &BTreeMap::new(),
                 },
             )
             .unwrap();
@@ -282,6 +300,7 @@ mod tests {
                 state: &state,
                 params: &params,
                 optim: &optim,
+                extra: &BTreeMap::new(),
             },
         )
         .unwrap();

@@ -351,6 +351,13 @@ impl SgpModel {
         sgp_memory::support::image_features(&self.sam, &x).map_err(mem_err)
     }
 
+    /// The selection embedding of query features: SAM2's mean-pooled level-2 embedding
+    /// (`[C]`, detached), what support selection compares by cosine.
+    pub fn selection_embedding(feats: &PreparedFeatures) -> Result<Vec<f32>> {
+        let e = sgp_memory::support::pooled_of(feats).map_err(mem_err)?;
+        Ok(e.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    }
+
     /// PMG for one query and class: support-conditioned, or SAM2's no-memory path under
     /// `no_pmg`.
     pub fn pmg(&self, feats: &PreparedFeatures, class: u32, supports: &[SupportItem]) -> Result<PmgOutput> {
@@ -372,9 +379,21 @@ impl SgpModel {
     /// The full forward pass for one query image `[3, S, S]` (normalised), one class and
     /// its supports (ordered least → most similar, as selection gives them).
     pub fn forward(&self, image: &Tensor, class: u32, supports: &[SupportItem]) -> Result<SgpForward> {
-        let _span = tracing::debug_span!("sgp_forward", class, supports = supports.len()).entered();
         let feats = self.query_features(image)?;
-        let pmg = self.pmg(&feats, class, supports)?;
+        self.forward_from_features(image, &feats, class, supports)
+    }
+
+    /// [`SgpModel::forward`] on query features already computed by
+    /// [`SgpModel::query_features`] (selection looks at them before the supports exist).
+    pub fn forward_from_features(
+        &self,
+        image: &Tensor,
+        feats: &PreparedFeatures,
+        class: u32,
+        supports: &[SupportItem],
+    ) -> Result<SgpForward> {
+        let _span = tracing::debug_span!("sgp_forward", class, supports = supports.len()).entered();
+        let pmg = self.pmg(feats, class, supports)?;
         match &self.head {
             None => Ok(SgpForward {
                 final_logits: pmg.pred_masks_high_res.clone(),

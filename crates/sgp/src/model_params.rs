@@ -5,7 +5,10 @@
 //! every parameter the model asks for, either the base tensor itself (frozen: a plain
 //! tensor, so autograd computes no gradient for it and nothing can change it) or a
 //! [`Var`] initialised from it (trainable). Freezing by *not* making a `Var` matters on
-//! CPU: the frozen Hiera trunk then costs no weight-gradient matmuls in the backward pass.
+//! CPU: the linear, attention and layer-norm kernels (`sgp_kernels`) compute gradients
+//! only for tracked inputs, so the frozen Hiera trunk costs no weight-gradient matmuls
+//! in the backward pass (candle's own conv backward, used by the neck, still computes
+//! its frozen kernels' gradients).
 //!
 //! The base tensors are an official state dict (checked strictly: missing, unexpected
 //! and mis-shaped keys are all reported) or, in from-scratch mode, a seeded random

@@ -10,8 +10,10 @@
 //!   the class is absent (a share `empty_fraction` of the present ones, seeded), which
 //!   train toward an empty mask.
 //! * **Support pool**: a seeded subset (`pool_size` planes) of the training planes that
-//!   hold a class. A query's K supports for class c are drawn (seeded) from pool planes
-//!   that hold c and come from another patient: never its own case.
+//!   hold a class. A query's K supports for class c come from pool planes that hold c
+//!   and belong to another patient (never its own case): by default the K most similar
+//!   to the query, as at inference ([`TrainSelection::Similar`]), or drawn at random
+//!   ([`TrainSelection::Random`]).
 //! * **Augmentation** ([`crate::augment`]) on queries (image and mask together), seeded.
 //!
 //! # Loop
@@ -98,6 +100,13 @@ pub struct TrainConfig {
     pub test_fraction: f64,
     /// Planes in the support pool (0: every training plane that holds a class).
     pub pool_size: usize,
+    /// How a query's K supports are chosen.
+    #[serde(default)]
+    pub selection: TrainSelection,
+    /// With [`TrainSelection::Similar`]: recompute the pool's embeddings with the current
+    /// model every this many updates (0: only once, at the start).
+    #[serde(default = "default_selection_refresh")]
+    pub selection_refresh: usize,
     /// Absent-class queries per present-class query.
     pub empty_fraction: f64,
     /// Slicing axis of volumes.
@@ -108,6 +117,27 @@ pub struct TrainConfig {
     pub val_max_items: usize,
     /// Save `last` every this many updates (and always at the end).
     pub checkpoint_every: usize,
+}
+
+fn default_selection_refresh() -> usize {
+    100
+}
+
+/// How a query's K supports are chosen in training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainSelection {
+    /// The paper's (and inference's) choice, the default: the K pool planes most similar
+    /// to the query ([`sgp_memory::select_supports`] with `TopK`: cosine of mean-pooled
+    /// level-2 embeddings, never the query's own patient), ordered least → most similar.
+    /// The query's embedding comes from its own forward pass (the augmented image, at no
+    /// extra cost); the pool's are recomputed with the current model (inference mode)
+    /// every `selection_refresh` updates and saved in the checkpoint, so a resumed run
+    /// selects exactly as the uninterrupted one.
+    #[default]
+    Similar,
+    /// K pool planes drawn at random (seeded), in draw order: more variety, no refresh cost.
+    Random,
 }
 
 impl TrainConfig {
@@ -143,6 +173,8 @@ impl TrainConfig {
             val_fraction: 0.2,
             test_fraction: 0.2,
             pool_size: 0,
+            selection: TrainSelection::Similar,
+            selection_refresh: default_selection_refresh(),
             empty_fraction: 0.25,
             axis: 2,
             val_every: 100,
@@ -198,6 +230,9 @@ impl TrainConfig {
         v
     }
 }
+
+/// The checkpoint's extra tensor holding the pool's selection embeddings.
+const SELECTION_TENSOR: &str = "selection_embeddings";
 
 /// One plane at model size.
 #[derive(Debug, Clone)]
@@ -450,6 +485,63 @@ impl TrainData {
         Ok(cand)
     }
 
+    /// The K pool planes most similar to a query of `patient` with embedding `query`,
+    /// for class `c`, ordered least → most similar. `pool_embeddings[j]` belongs to
+    /// `pool[j]`.
+    pub fn similar_supports(
+        &self,
+        c: u32,
+        patient: &str,
+        k: usize,
+        query: &[f32],
+        pool_embeddings: &[Vec<f32>],
+    ) -> Result<Vec<usize>> {
+        if pool_embeddings.len() != self.pool.len() {
+            return Err(TrainError::Config(format!(
+                "internal: {} pool embeddings for a pool of {}",
+                pool_embeddings.len(),
+                self.pool.len()
+            )));
+        }
+        let classes: Vec<std::collections::BTreeSet<u32>> = self
+            .pool
+            .iter()
+            .map(|&i| {
+                if self.train[i].has(c) {
+                    [c].into()
+                } else {
+                    Default::default()
+                }
+            })
+            .collect();
+        // Exclusion is by patient: the candidates' ids are their patients.
+        let candidates: Vec<sgp_memory::Candidate> = self
+            .pool
+            .iter()
+            .zip(pool_embeddings)
+            .zip(&classes)
+            .map(|((&i, e), cl)| sgp_memory::Candidate {
+                embedding: e,
+                case_id: &self.train[i].patient,
+                classes: cl,
+            })
+            .collect();
+        let q = sgp_memory::Query {
+            embedding: query,
+            case_id: Some(patient),
+            class: c,
+        };
+        let picked = sgp_memory::select_supports(&candidates, &q, k, sgp_memory::Selection::TopK)
+            .map_err(|e| TrainError::Config(format!("class {c}, patient {patient}: {e}")))?;
+        if picked.len() < k {
+            return Err(TrainError::Config(format!(
+                "class {c}: only {} supports outside patient {patient}, need {k}",
+                picked.len()
+            )));
+        }
+        Ok(picked.into_iter().map(|j| self.pool[j]).collect())
+    }
+
     /// The pool plane `i` as a support item for class `c`.
     pub fn support_item(&self, i: usize, c: u32, device: &Device) -> Result<SupportItem> {
         let p = &self.train[i];
@@ -473,6 +565,16 @@ pub fn model_loss(
     weights: &LossWeights,
 ) -> Result<crate::loss::LossOutput> {
     let fwd = model.forward(image, class, supports)?;
+    forward_loss(&fwd, target, class, weights)
+}
+
+/// [`sgp_loss`] of one forward pass against `target` `[1, 1, S, S]`.
+fn forward_loss(
+    fwd: &crate::model::SgpForward,
+    target: &Tensor,
+    class: u32,
+    weights: &LossWeights,
+) -> Result<crate::loss::LossOutput> {
     sgp_loss(
         &LossInputs {
             logits: &fwd.final_logits,
@@ -545,6 +647,9 @@ pub struct Trainer {
     out: PathBuf,
     device: Device,
     order: Vec<usize>,
+    /// Selection embeddings of `data.pool` (same order), with [`TrainSelection::Similar`].
+    pool_embeddings: Option<Vec<Vec<f32>>>,
+    progress: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -684,9 +789,13 @@ impl Trainer {
             rng_state: config.seed ^ 0x7EA1_0000,
             ..Default::default()
         };
+        let mut restored_embeddings = None;
         if opts.resume {
             let ck = checkpoint::load(&last, &device)?;
             ck.check_base(model.base_hash())?;
+            if let Some(e) = ck.extra.get(SELECTION_TENSOR) {
+                restored_embeddings = Some(e.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+            }
             model.load_params(&ck.params)?;
             optimizer.load_state(&ck.optim, ck.state.step)?;
             state = ck.state;
@@ -706,6 +815,8 @@ impl Trainer {
             out: out.to_path_buf(),
             device,
             order: Vec::new(),
+            pool_embeddings: restored_embeddings,
+            progress: opts.progress,
         };
         t.order = t.epoch_order(t.state.epoch);
         Ok(t)
@@ -746,10 +857,82 @@ impl Trainer {
         model_loss(&self.model, &x, &target, class, &items, &self.config.loss)
     }
 
+    /// Recomputes the pool's selection embeddings with the current model when
+    /// [`TrainSelection::Similar`] needs it (none yet, or a refresh step).
+    fn refresh_selection(&mut self) -> Result<()> {
+        if self.config.selection != TrainSelection::Similar {
+            return Ok(());
+        }
+        let step = self.state.step;
+        let due = self.config.selection_refresh > 0
+            && step.is_multiple_of(self.config.selection_refresh)
+            && self.state.selection_step != Some(step);
+        if self.pool_embeddings.is_some() && !due {
+            return Ok(());
+        }
+        let _span = tracing::info_span!("selection_embeddings", step, pool = self.data.pool.len()).entered();
+        let bar = if self.progress {
+            indicatif::ProgressBar::new(self.data.pool.len() as u64).with_message("support pool embeddings")
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        self.model.set_train(false);
+        let mut out = Vec::with_capacity(self.data.pool.len());
+        for &i in &self.data.pool {
+            let x = Plane::model_input(&self.data.train[i].image, &self.device)?;
+            let feats = self.model.query_features(&x);
+            let e = feats.and_then(|f| SgpModel::selection_embedding(&f));
+            if e.is_err() {
+                self.model.set_train(true);
+            }
+            out.push(e?);
+            bar.inc(1);
+        }
+        self.model.set_train(true);
+        bar.finish_and_clear();
+        self.pool_embeddings = Some(out);
+        self.state.selection_step = Some(step);
+        Ok(())
+    }
+
+    /// The loss of one (possibly augmented) query of `patient` with supports chosen as
+    /// the configuration says.
+    fn micro_batch_loss(
+        &self,
+        image: &Array3<f32>,
+        labels: &Array2<u16>,
+        class: u32,
+        patient: &str,
+        rng: &mut Rng,
+    ) -> Result<crate::loss::LossOutput> {
+        let k = self.config.support_size;
+        let Some(pool_embeddings) = self
+            .pool_embeddings
+            .as_ref()
+            .filter(|_| self.config.selection == TrainSelection::Similar)
+        else {
+            let supports = self.data.draw_supports(class, patient, k, rng)?;
+            return self.query_loss(image, labels, class, &supports);
+        };
+        let dev = &self.device;
+        let x = Plane::model_input(image, dev)?;
+        let feats = self.model.query_features(&x)?;
+        let emb = SgpModel::selection_embedding(&feats)?;
+        let supports = self.data.similar_supports(class, patient, k, &emb, pool_embeddings)?;
+        let items: Vec<SupportItem> = supports
+            .iter()
+            .map(|&i| self.data.support_item(i, class, dev))
+            .collect::<Result<_>>()?;
+        let fwd = self.model.forward_from_features(&x, &feats, class, &items)?;
+        let target = Plane::mask_of(labels, class, dev)?.unsqueeze(0)?.unsqueeze(0)?;
+        forward_loss(&fwd, &target, class, &self.config.loss)
+    }
+
     /// One optimiser update (`accumulation` micro-batches); returns the mean loss terms.
     pub fn step(&mut self) -> Result<(LossBreakdown, crate::optim::StepInfo)> {
         let _span = tracing::debug_span!("train_step", step = self.state.step).entered();
         self.model.set_train(true);
+        self.refresh_selection()?;
         let mut rng = Rng::new(self.state.rng_state);
         let mut sum = LossBreakdown::default();
         let n = self.config.accumulation;
@@ -757,12 +940,9 @@ impl Trainer {
         for _ in 0..n {
             let (pi, c) = self.next_query();
             let plane = &self.data.train[pi];
-            let supports = self
-                .data
-                .draw_supports(c, &plane.patient, self.config.support_size, &mut rng)?;
             let params = AugmentParams::draw(&self.config.augment, &mut rng);
             let (img, lbl) = crate::augment::apply(&plane.image, &plane.labels, &params);
-            let out = self.query_loss(&img, &lbl, c, &supports)?;
+            let out = self.micro_batch_loss(&img, &lbl, c, &plane.patient.clone(), &mut rng)?;
             let grads = out.total.backward()?;
             let i = self.optimizer.accumulate(&grads)?;
             if i.updated {
@@ -796,16 +976,25 @@ impl Trainer {
         let mut per: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
         for (k, &(vi, c)) in self.data.val_queries.iter().enumerate() {
             let plane = &self.data.val[vi];
-            let mut rng = Rng::new(self.config.seed ^ 0xA11D ^ (k as u64) << 20);
-            let supports = self
-                .data
-                .draw_supports(c, &plane.patient, self.config.support_size, &mut rng)?;
             let x = Plane::model_input(&plane.image, &self.device)?;
+            let feats = self.model.query_features(&x)?;
+            let supports = match &self.pool_embeddings {
+                Some(pe) if self.config.selection == TrainSelection::Similar => {
+                    let emb = SgpModel::selection_embedding(&feats)?;
+                    self.data
+                        .similar_supports(c, &plane.patient, self.config.support_size, &emb, pe)?
+                }
+                _ => {
+                    let mut rng = Rng::new(self.config.seed ^ 0xA11D ^ (k as u64) << 20);
+                    self.data
+                        .draw_supports(c, &plane.patient, self.config.support_size, &mut rng)?
+                }
+            };
             let items: Vec<SupportItem> = supports
                 .iter()
                 .map(|&i| self.data.support_item(i, c, &self.device))
                 .collect::<Result<_>>()?;
-            let fwd = self.model.forward(&x, c, &items)?;
+            let fwd = self.model.forward_from_features(&x, &feats, c, &items)?;
             let pred: Vec<f32> = fwd
                 .final_logits
                 .detach()
@@ -846,6 +1035,15 @@ impl Trainer {
             .collect();
         let (optim, _) = self.optimizer.state();
         let config = serde_json::to_value(&self.config).map_err(|e| TrainError::Config(e.to_string()))?;
+        let mut extra = BTreeMap::new();
+        if let Some(e) = &self.pool_embeddings {
+            let dim = e.first().map_or(0, |v| v.len());
+            let flat: Vec<f32> = e.iter().flatten().copied().collect();
+            extra.insert(
+                SELECTION_TENSOR.to_string(),
+                Tensor::from_vec(flat, (e.len(), dim), &Device::Cpu)?,
+            );
+        }
         checkpoint::save(
             &path,
             &CheckpointRef {
@@ -854,6 +1052,7 @@ impl Trainer {
                 state: &self.state,
                 params: &params,
                 optim: &optim,
+                extra: &extra,
             },
         )?;
         Ok(path)

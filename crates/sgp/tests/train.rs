@@ -165,6 +165,8 @@ fn steps_then_resume_then_steps_equals_uninterrupted_run() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut cfg = config();
     cfg.steps = 4;
+    // Pool embeddings from update 0 are restored on resume (at 2), then refreshed at 3.
+    cfg.selection_refresh = 3;
     cfg.accumulation = 2; // the data position moves twice per update
                           // Augmentation stays on: the RNG state must be restored too.
     let killed = RunOptions {
@@ -292,4 +294,31 @@ fn a_checkpoint_is_refused_on_other_base_weights() {
     };
     let e = sgp::train::train(cfg, &run, &resume).unwrap_err().to_string();
     assert!(e.contains("trained on base weights"), "{e}");
+}
+
+#[test]
+fn similar_selection_ranks_by_embedding_and_leaves_the_patient_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Trainer::new(config(), dir.path(), &RunOptions::default()).unwrap();
+    let d = &t.data;
+    let (qi, c) = d.queries.iter().copied().find(|&(i, c)| d.train[i].has(c)).unwrap();
+    let patient = d.train[qi].patient.clone();
+    let dim = d.pool.len();
+    // Pool plane j gets the j-th unit vector; the query is closest to the last ones.
+    let emb: Vec<Vec<f32>> = (0..dim)
+        .map(|j| (0..dim).map(|i| if i == j { 1.0 } else { 0.0 }).collect())
+        .collect();
+    let query: Vec<f32> = (0..dim).map(|i| 1.0 + i as f32).collect();
+    let picked = d.similar_supports(c, &patient, 2, &query, &emb).unwrap();
+    let eligible: Vec<usize> = (0..dim)
+        .filter(|&j| d.train[d.pool[j]].has(c) && d.train[d.pool[j]].patient != patient)
+        .collect();
+    let n = eligible.len();
+    assert!(n >= 2);
+    // The two highest-indexed eligible planes, least similar first.
+    assert_eq!(picked, vec![d.pool[eligible[n - 2]], d.pool[eligible[n - 1]]]);
+    assert!(picked
+        .iter()
+        .all(|&i| d.train[i].patient != patient && d.train[i].has(c)));
+    assert!(d.similar_supports(c, &patient, 2, &query, &emb[1..]).is_err());
 }
