@@ -7,7 +7,7 @@
 //! ≤ 1.5e-7, the approximation PyTorch's vectorised CPU `erf` uses) and a Cephes-style
 //! `exp` that the compiler vectorises. Other dtypes and devices keep candle's ops.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
@@ -41,16 +41,6 @@ fn gelu_grad_f32(x: f32) -> f32 {
     cdf + x * INV_SQRT_2PI * exp_f32(-0.5 * x * x)
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fast gelu: expected f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fast gelu: non-contiguous input"),
-    }
-}
-
 struct Gelu;
 
 impl CustomOp1 for Gelu {
@@ -59,7 +49,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l)?;
+        let x = crate::contiguous_f32("fast gelu", s, l)?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
             for (y, &x) in y.iter_mut().zip(x) {
@@ -91,8 +81,8 @@ impl CustomOp2 for GeluBackward {
         xs: &CpuStorage,
         xl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = contiguous_f32(gs, gl)?;
-        let x = contiguous_f32(xs, xl)?;
+        let g = crate::contiguous_f32("fast gelu", gs, gl)?;
+        let x = crate::contiguous_f32("fast gelu", xs, xl)?;
         if g.len() != x.len() {
             candle_core::bail!("fast gelu backward: {} gradients for {} inputs", g.len(), x.len());
         }

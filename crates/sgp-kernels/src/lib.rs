@@ -64,3 +64,20 @@ impl SendPtr {
         self.0
     }
 }
+
+/// The f32 slice of a contiguous CPU operand of a custom op (`what` names the op in the
+/// error for another dtype or a strided layout).
+pub(crate) fn contiguous_f32<'a>(
+    what: &str,
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    use candle_core::backend::BackendStorage;
+    let candle_core::CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: expected f32, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: non-contiguous operand"),
+    }
+}

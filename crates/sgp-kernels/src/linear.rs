@@ -4,7 +4,7 @@
 //! buffer. Here the output starts as the bias rows and `gemm` accumulates `x Wᵀ` into
 //! it: one buffer for every linear layer of the encoder and decoder.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::{Error, Result, SendPtr};
@@ -103,29 +103,19 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
         return Err(Error::Unsupported("linear: CPU tensors only".into()));
     };
-    let xd = contiguous_f32(xs, xl)?;
-    let wd = contiguous_f32(ws, wl)?;
+    let xd = crate::contiguous_f32("linear", xs, xl)?;
+    let wd = crate::contiguous_f32("linear", ws, wl)?;
     let out = match &bias {
         Some(b) => {
             let (bs, bl) = b.storage_and_layout();
             let Storage::Cpu(bs) = &*bs else {
                 return Err(Error::Unsupported("linear: CPU tensors only".into()));
             };
-            linear_slices(xd, wd, Some(contiguous_f32(bs, bl)?), m, k, n)
+            linear_slices(xd, wd, Some(crate::contiguous_f32("linear", bs, bl)?), m, k, n)
         }
         None => linear_slices(xd, wd, None, m, k, n),
     };
     Tensor::from_vec(out, out_dims, x.device()).map_err(Error::from)
-}
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("linear: expected f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("linear: non-contiguous operand"),
-    }
 }
 
 /// `x (m×k) · w (n×k)ᵀ [+ b (n)]` into a new m×n buffer.
@@ -226,7 +216,13 @@ impl CustomOp2 for LinearOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward(contiguous_f32(xs, xl)?, xl, contiguous_f32(ws, wl)?, wl, None)
+        self.forward(
+            crate::contiguous_f32("linear", xs, xl)?,
+            xl,
+            crate::contiguous_f32("linear", ws, wl)?,
+            wl,
+            None,
+        )
     }
 
     fn bwd(
@@ -255,11 +251,11 @@ impl CustomOp3 for LinearOp {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.forward(
-            contiguous_f32(xs, xl)?,
+            crate::contiguous_f32("linear", xs, xl)?,
             xl,
-            contiguous_f32(ws, wl)?,
+            crate::contiguous_f32("linear", ws, wl)?,
             wl,
-            Some(contiguous_f32(bs, bl)?),
+            Some(crate::contiguous_f32("linear", bs, bl)?),
         )
     }
 

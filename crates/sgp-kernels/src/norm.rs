@@ -8,23 +8,13 @@
 //! for the affine parameters (only when they are tracked). Statistics are recomputed in
 //! the backward (two reductions per row) rather than stored.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::{Error, Result};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("layer norm: expected f32, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("layer norm: non-contiguous operand"),
-    }
-}
 
 /// Mean and 1/√(var + eps) of one row (biased variance, two passes, f32 like PyTorch's
 /// CPU kernel).
@@ -54,8 +44,11 @@ impl CustomOp3 for LayerNormOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, xl)?;
-        let (w, b) = (contiguous_f32(ws, wl)?, contiguous_f32(bs, bl)?);
+        let x = crate::contiguous_f32("layer norm", xs, xl)?;
+        let (w, b) = (
+            crate::contiguous_f32("layer norm", ws, wl)?,
+            crate::contiguous_f32("layer norm", bs, bl)?,
+        );
         let n = w.len();
         if n == 0 || b.len() != n || !x.len().is_multiple_of(n) {
             candle_core::bail!("layer norm: input {:?} for {n} features", xl.shape());
@@ -126,9 +119,9 @@ impl CustomOp3 for LayerNormBackward {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = contiguous_f32(gs, gl)?;
-        let x = contiguous_f32(xs, xl)?;
-        let w = contiguous_f32(ws, wl)?;
+        let g = crate::contiguous_f32("layer norm", gs, gl)?;
+        let x = crate::contiguous_f32("layer norm", xs, xl)?;
+        let w = crate::contiguous_f32("layer norm", ws, wl)?;
         let n = w.len();
         if n == 0 || g.len() != x.len() || !x.len().is_multiple_of(n) {
             candle_core::bail!("layer norm backward: {} gradients for input {:?}", g.len(), xl.shape());
