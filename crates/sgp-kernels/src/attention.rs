@@ -106,6 +106,203 @@ fn checked_views<'a>(
     Ok((qv, kv, vv))
 }
 
+/// q, k and v views of a packed `[B, L, 3, H, D]` tensor (Hiera's `qkv` output), any
+/// strides with unit stride on D.
+fn packed_views<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<[View<'a>; 3]> {
+    let CpuStorage::F32(data) = storage else {
+        return Err(Error::Unsupported("attention: qkv must be f32".into()));
+    };
+    let (dims, st) = (layout.dims(), layout.stride());
+    if dims.len() != 5 || dims[2] != 3 || (st[4] != 1 && dims[4] > 1) {
+        return Err(Error::Shape(format!(
+            "attention: packed qkv must be [B, L, 3, H, D] with unit stride on D, got {dims:?}/{st:?}"
+        )));
+    }
+    let part = |i: usize| View {
+        data,
+        offset: layout.start_offset() + i * st[2],
+        strides: [st[0], st[1], st[3]],
+        dims: [dims[0], dims[1], dims[3], dims[4]],
+    };
+    let views = [part(0), part(1), part(2)];
+    for v in &views {
+        let last = v.offset + (0..3).map(|i| (v.dims[i].max(1) - 1) * v.strides[i]).sum::<usize>() + v.dims[3];
+        if v.dims.contains(&0) || last > data.len() {
+            return Err(Error::Shape(format!(
+                "attention: qkv view {dims:?}/{st:?} is empty or out of its buffer"
+            )));
+        }
+    }
+    Ok(views)
+}
+
+/// `softmax(q kᵀ / √D) v` on a packed `qkv` `[B, L, 3, H, D]` (q, k, v its three parts),
+/// or with `pooled_q` `[B, Lq, H, D]` in place of its q part (Hiera's q-pooling blocks).
+/// Returns `[B, Lq, H, D]`, contiguous. Differentiable like [`attention_blhd`]; the
+/// gradient of `qkv` is written as one packed buffer, where three `narrow`ed views would
+/// each cost candle a zero-padded full-size copy and an add in the backward pass.
+pub fn attention_qkv(qkv: &Tensor, pooled_q: Option<&Tensor>) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !f32_cpu(qkv) || pooled_q.is_some_and(|q| !f32_cpu(q)) {
+        return Err(Error::Unsupported("attention: CPU f32 tensors only".into()));
+    }
+    let tracked = qkv.track_op() || pooled_q.is_some_and(|q| q.track_op());
+    if tracked {
+        return match pooled_q {
+            None => qkv.apply_op1(PackedAttention),
+            Some(q) => q.apply_op2(qkv, PackedAttention),
+        }
+        .map_err(Error::from);
+    }
+    let (ps, pl) = qkv.storage_and_layout();
+    let Storage::Cpu(ps) = &*ps else {
+        return Err(Error::Unsupported("attention: CPU tensors only".into()));
+    };
+    let [qv, kv, vv] = packed_views(ps, pl)?;
+    let out = match pooled_q {
+        None => attention_views(&qv, &kv, &vv),
+        Some(q) => {
+            let (qs, ql) = q.storage_and_layout();
+            let Storage::Cpu(qs) = &*qs else {
+                return Err(Error::Unsupported("attention: CPU tensors only".into()));
+            };
+            let qv = pooled_view(qs, ql, &kv)?;
+            attention_views(&qv, &kv, &vv)
+        }
+    };
+    let [b, _, h, d] = kv.dims;
+    let lq = out.len() / (b * h * d);
+    Tensor::from_vec(out, (b, lq, h, d), qkv.device()).map_err(Error::from)
+}
+
+/// A pooled q view, checked against the packed k view.
+fn pooled_view<'a>(qs: &'a CpuStorage, ql: &Layout, k: &View) -> Result<View<'a>> {
+    let qv = view("q", qs, ql)?;
+    if qv.dims[0] != k.dims[0] || qv.dims[2..] != k.dims[2..] {
+        return Err(Error::Shape(format!(
+            "attention: pooled q {:?} for k {:?}",
+            qv.dims, k.dims
+        )));
+    }
+    Ok(qv)
+}
+
+fn msg(e: Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// The tracked [`attention_qkv`]: op1 on `qkv`, op2 on `(pooled_q, qkv)`.
+struct PackedAttention;
+
+impl PackedAttention {
+    /// The packed gradient `[B, L, 3, H, D]` of `qkv` (q part zero when `q_from_qkv` is
+    /// false) and, for a pooled q, its gradient.
+    fn grads(
+        qkv: &Tensor,
+        pooled_q: Option<&Tensor>,
+        grad: &Tensor,
+        want_qkv: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.detach().contiguous()?;
+        let (ps, pl) = qkv.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (Storage::Cpu(ps), Storage::Cpu(gs)) = (&*ps, &*gs) else {
+            return Err(Error::Unsupported("attention backward: CPU tensors only".into()));
+        };
+        let [qp, kv, vv] = packed_views(ps, pl)?;
+        let gv = view("grad", gs, gl)?;
+        let [b, l, h, d] = kv.dims;
+        let row = h * d;
+        let mut dqkv = vec![0f32; if want_qkv { b * l * 3 * row } else { 0 }];
+        let packed = |buf: &mut Vec<f32>, i: usize| Dest {
+            ptr: SendPtr(buf.as_mut_ptr()),
+            offset: i * row,
+            batch_stride: l * 3 * row,
+            row_stride: 3 * row,
+        };
+        let (dk, dv) = if want_qkv {
+            (Some(packed(&mut dqkv, 1)), Some(packed(&mut dqkv, 2)))
+        } else {
+            (None, None)
+        };
+        let dq_pooled = match pooled_q {
+            None => {
+                let dq = want_qkv.then(|| packed(&mut dqkv, 0));
+                backward_views(&qp, &kv, &vv, &gv, [dq, dk, dv])?;
+                None
+            }
+            Some(q) => {
+                let (qs, ql) = q.storage_and_layout();
+                let Storage::Cpu(qs) = &*qs else {
+                    return Err(Error::Unsupported("attention backward: CPU tensors only".into()));
+                };
+                let qv = pooled_view(qs, ql, &kv)?;
+                let lq = qv.dims[1];
+                let mut dq = vec![0f32; if q.track_op() { b * lq * row } else { 0 }];
+                let dest = q.track_op().then(|| Dest::contiguous(&mut dq, lq, row));
+                backward_views(&qv, &kv, &vv, &gv, [dest, dk, dv])?;
+                if q.track_op() {
+                    Some(Tensor::from_vec(dq, (b, lq, h, d), q.device())?)
+                } else {
+                    None
+                }
+            }
+        };
+        let dqkv = if want_qkv {
+            Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?)
+        } else {
+            None
+        };
+        Ok((dqkv, dq_pooled))
+    }
+}
+
+impl candle_core::CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "sgp-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let [q, k, v] = packed_views(s, l).map_err(msg)?;
+        let [b, lq, h, d] = q.dims;
+        Ok((CpuStorage::F32(attention_views(&q, &k, &v)), Shape::from((b, lq, h, d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Self::grads(qkv, None, grad, true).map_err(msg)?.0)
+    }
+}
+
+impl candle_core::CustomOp2 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "sgp-attention-pooled-qkv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        s: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let [_, k, v] = packed_views(s, l).map_err(msg)?;
+        let q = pooled_view(qs, ql, &k).map_err(msg)?;
+        let [b, lq, h, d] = q.dims;
+        Ok((CpuStorage::F32(attention_views(&q, &k, &v)), Shape::from((b, lq, h, d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        qkv: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dqkv, dq) = Self::grads(qkv, Some(q), grad, qkv.track_op()).map_err(msg)?;
+        Ok((dq, dqkv))
+    }
+}
+
 /// The tracked attention: forward as [`attention_blhd`], backward by [`attention_backward`].
 struct AttentionOp;
 
@@ -146,10 +343,37 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
-/// Gradients of `softmax(q kᵀ/√D) v` with respect to q, k, v (those `want`ed) for the
-/// upstream gradient `grad` `[B, Lq, H, D]`. Per (batch, head) task and query block of
-/// rows i: `P = softmax(s·Q_i Kᵀ)`, `dV += Pᵀ dO_i`, `dP = dO_i Vᵀ`,
-/// `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ_i = s·dS K`, `dK += s·dSᵀ Q_i`.
+/// Where one gradient goes: element (b, l, h, ·) of a `[B, L, H, D]`-shaped gradient
+/// starts at `offset + b·batch_stride + l·row_stride + h·D` of the buffer behind `ptr`.
+#[derive(Clone, Copy)]
+struct Dest {
+    ptr: SendPtr,
+    offset: usize,
+    batch_stride: usize,
+    row_stride: usize,
+}
+
+impl Dest {
+    /// A contiguous `[B, L, H·D]` buffer.
+    fn contiguous(buf: &mut [f32], l: usize, row: usize) -> Self {
+        Self {
+            ptr: SendPtr(buf.as_mut_ptr()),
+            offset: 0,
+            batch_stride: l * row,
+            row_stride: row,
+        }
+    }
+
+    #[inline]
+    fn at(self, b: usize, l: usize, h: usize, d: usize) -> *mut f32 {
+        self.ptr
+            .get()
+            .wrapping_add(self.offset + b * self.batch_stride + l * self.row_stride + h * d)
+    }
+}
+
+/// Gradients of `softmax(q kᵀ/√D) v` with respect to q, k, v for the upstream gradient
+/// `grad` `[B, Lq, H, D]`, as separate `[B, L, H, D]` tensors (those `want`ed).
 fn attention_backward(
     q: &Tensor,
     k: &Tensor,
@@ -167,6 +391,35 @@ fn attention_backward(
     };
     let (qv, kv, vv) = checked_views(qs, ql, ks, kl, vs, vl)?;
     let gv = view("grad", gs, gl)?;
+    let [b, lq, h, d] = qv.dims;
+    let lk = kv.dims[1];
+    let row = h * d;
+    let mut dq = vec![0f32; if want[0] { b * lq * row } else { 0 }];
+    let mut dk = vec![0f32; if want[1] { b * lk * row } else { 0 }];
+    let mut dv = vec![0f32; if want[2] { b * lk * row } else { 0 }];
+    let dests = [
+        want[0].then(|| Dest::contiguous(&mut dq, lq, row)),
+        want[1].then(|| Dest::contiguous(&mut dk, lk, row)),
+        want[2].then(|| Dest::contiguous(&mut dv, lk, row)),
+    ];
+    backward_views(&qv, &kv, &vv, &gv, dests)?;
+    let dev = q.device();
+    let make = |v: Vec<f32>, l: usize, on: bool| -> Result<Option<Tensor>> {
+        if on {
+            Ok(Some(Tensor::from_vec(v, (b, l, h, d), dev)?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok([make(dq, lq, want[0])?, make(dk, lk, want[1])?, make(dv, lk, want[2])?])
+}
+
+/// The backward on views: per (batch, head) task and query block of rows i,
+/// `P = softmax(s·Q_i Kᵀ)`, `dV += Pᵀ dO_i`, `dP = dO_i Vᵀ`,
+/// `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ_i = s·dS K`, `dK += s·dSᵀ Q_i`, each written to
+/// its [`Dest`] (skipped when `None`). Every destination must hold the (b, l, h, ·)
+/// elements of its gradient, and no two tasks' elements may overlap.
+fn backward_views(qv: &View, kv: &View, vv: &View, gv: &View, dests: [Option<Dest>; 3]) -> Result<()> {
     if gv.dims != qv.dims {
         return Err(Error::Shape(format!(
             "attention backward: grad {:?} for q {:?}",
@@ -177,15 +430,6 @@ fn attention_backward(
     let lk = kv.dims[1];
     let nq_block = (SCORE_BLOCK_ELEMS / lk).clamp(32, 256).min(lq);
     let scale = 1.0 / (d as f32).sqrt();
-    let row = h * d;
-    let mut dq = vec![0f32; if want[0] { b * lq * row } else { 0 }];
-    let mut dk = vec![0f32; if want[1] { b * lk * row } else { 0 }];
-    let mut dv = vec![0f32; if want[2] { b * lk * row } else { 0 }];
-    let (dq_ptr, dk_ptr, dv_ptr) = (
-        SendPtr(dq.as_mut_ptr()),
-        SendPtr(dk.as_mut_ptr()),
-        SendPtr(dv.as_mut_ptr()),
-    );
     // Strided gemm: dst = [beta·]dst + alpha·lhs·rhs, every operand (ptr, col stride, row stride).
     #[allow(clippy::too_many_arguments)]
     unsafe fn mm(
@@ -227,14 +471,13 @@ fn attention_backward(
             let at = |x: &View, l: usize| {
                 x.data[x.offset + bi * x.strides[0] + l * x.strides[1] + hi * x.strides[2]..].as_ptr()
             };
-            let k_ptr = at(&kv, 0);
-            let v_ptr = at(&vv, 0);
-            // This task's (bi, ·, hi, ·) slices of the outputs.
-            let out_at = |ptr: SendPtr, l: usize, len: usize| ptr.get().wrapping_add((bi * len + l) * row + hi * d);
+            let k_ptr = at(kv, 0);
+            let v_ptr = at(vv, 0);
+
             let mut q0 = 0;
             while q0 < lq {
                 let nq = nq_block.min(lq - q0);
-                let (q_ptr, g_ptr) = (at(&qv, q0), at(&gv, q0));
+                let (q_ptr, g_ptr) = (at(qv, q0), at(gv, q0));
                 let (p, dp) = (&mut p[..nq * lk], &mut dp[..nq * lk]);
                 // SAFETY: `checked_views`/`view` bound every (l, d) element of the inputs;
                 // p and dp hold nq×lk; each output slice (bi, ·, hi, ·) is this task's alone.
@@ -254,13 +497,13 @@ fn attention_backward(
                     softmax_in_place(r);
                 }
                 unsafe {
-                    if want[2] {
+                    if let Some(dv) = dests[2] {
                         // dV [lk, d] += Pᵀ dO_i
                         mm(
                             lk,
                             d,
                             nq,
-                            (out_at(dv_ptr, 0, lk), 1, row),
+                            (dv.at(bi, 0, hi, d), 1, dv.row_stride),
                             q0 > 0,
                             (p.as_ptr(), lk, 1),
                             (g_ptr, 1, gv.strides[1]),
@@ -286,26 +529,26 @@ fn attention_backward(
                     }
                 }
                 unsafe {
-                    if want[0] {
+                    if let Some(dq) = dests[0] {
                         // dQ_i = s·dS K
                         mm(
                             nq,
                             d,
                             lk,
-                            (out_at(dq_ptr, q0, lq), 1, row),
+                            (dq.at(bi, q0, hi, d), 1, dq.row_stride),
                             false,
                             (dp.as_ptr(), 1, lk),
                             (k_ptr, 1, kv.strides[1]),
                             scale,
                         );
                     }
-                    if want[1] {
+                    if let Some(dk) = dests[1] {
                         // dK [lk, d] += s·dSᵀ Q_i
                         mm(
                             lk,
                             d,
                             nq,
-                            (out_at(dk_ptr, 0, lk), 1, row),
+                            (dk.at(bi, 0, hi, d), 1, dk.row_stride),
                             q0 > 0,
                             (dp.as_ptr(), lk, 1),
                             (q_ptr, 1, qv.strides[1]),
@@ -317,15 +560,7 @@ fn attention_backward(
             }
         },
     );
-    let dev = q.device();
-    let make = |v: Vec<f32>, l: usize, on: bool| -> Result<Option<Tensor>> {
-        if on {
-            Ok(Some(Tensor::from_vec(v, (b, l, h, d), dev)?))
-        } else {
-            Ok(None)
-        }
-    };
-    Ok([make(dq, lq, want[0])?, make(dk, lk, want[1])?, make(dv, lk, want[2])?])
+    Ok(())
 }
 
 fn attention_views(q: &View, k: &View, v: &View) -> Vec<f32> {
@@ -529,6 +764,42 @@ mod tests {
         let kv = Tensor::randn(0f32, 1.0, (1, 8, 2, 4), &dev)?;
         let g = attention_blhd(q.as_tensor(), &kv, &kv)?.sum_all()?.backward()?;
         assert!(g.get(q.as_tensor()).is_some() && g.get(&kv).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn packed_qkv_matches_the_views_forward_and_backward() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        for &(b, l, lq, h, d) in &[(3, 16, 16, 2, 8), (2, 64, 16, 1, 12), (1, 300, 300, 2, 16)] {
+            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, l, 3, h, d), &dev)?)?;
+            let pooled = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, lq, h, d), &dev)?)?;
+            let up = Tensor::randn(0f32, 1.0, (b, lq, h, d), &dev)?;
+            let part = |i: usize| qkv.as_tensor().narrow(2, i, 1).and_then(|t| t.squeeze(2));
+            let pool = (lq != l).then(|| pooled.as_tensor());
+            let q_view = match pool {
+                Some(q) => q.clone(),
+                None => part(0)?,
+            };
+            let want_o = attention_blhd(&q_view, &part(1)?, &part(2)?)?;
+            let got_o = attention_qkv(qkv.as_tensor(), pool)?;
+            assert!(crate::testing::max_abs_diff(&got_o, &want_o)? < 1e-6);
+            // Untracked inputs give the same values without a graph.
+            let plain = attention_qkv(&qkv.as_tensor().detach(), pool.map(|q| q.detach()).as_ref())?;
+            assert!(crate::testing::max_abs_diff(&plain, &want_o)? < 1e-6);
+            let want = (want_o * &up)?.sum_all()?.backward()?;
+            let got = (got_o * &up)?.sum_all()?.backward()?;
+            let mut vars = vec![qkv.as_tensor()];
+            if pool.is_some() {
+                vars.push(pooled.as_tensor());
+            }
+            for v in vars {
+                let err = crate::testing::max_abs_diff(got.get(v).unwrap(), want.get(v).unwrap())?;
+                assert!(err < 1e-5, "({b},{l},{lq},{h},{d}): gradient diff {err}");
+            }
+        }
+        let qkv = Tensor::zeros((1, 4, 2, 2, 8), DType::F32, &dev)?;
+        assert!(attention_qkv(&qkv, None).is_err());
         Ok(())
     }
 

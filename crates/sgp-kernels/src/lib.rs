@@ -38,6 +38,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod depthwise;
 mod error;
 pub mod linear;
 pub mod masked_attention;
@@ -46,6 +47,7 @@ pub mod norm;
 pub mod pool;
 pub mod resize;
 pub mod testing;
+pub mod window;
 
 pub use error::{Error, Result};
 

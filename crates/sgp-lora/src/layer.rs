@@ -152,8 +152,9 @@ impl LinearAdapter for LoraLinear {
         let (a, b) = (self.a_stacked()?, self.b_full()?);
         let (a, b) = if train { (a, b) } else { (a.detach(), b.detach()) };
         let h = matmul_last(&x, &a.t()?)?;
-        let d = matmul_last(&h, &b.t()?)?;
-        d * self.scale
+        // The scale goes on B ([out, n·r]), not on the full-size delta: one full-size pass
+        // fewer each way.
+        matmul_last(&h, &(b * self.scale)?.t()?)
     }
 }
 

@@ -38,25 +38,28 @@ impl MultiScaleAttention {
         let hd = self.dim_out / nh;
         let qkv_map = self.qkv.forward(x)?; // [B, H, W, 3·dim_out], channels (3, nh, hd)
         let qkv = qkv_map.reshape((b, h * w, 3, nh, hd))?;
-        let q = qkv.narrow(2, 0, 1)?.squeeze(2)?;
-        let k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
-        let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
-        let (q, h, w) = match self.q_stride {
+        let (pooled, h, w) = match self.q_stride {
             Some(s) => {
                 // Pool the q channels of the qkv map in place (no reshape copy of the view).
                 let q = max_pool_nhwc(&qkv_map.narrow(3, 0, nh * hd)?, s)?;
                 let (_, h2, w2, _) = q.dims4()?;
-                (q.reshape((b, h2 * w2, nh, hd))?, h2, w2)
+                (Some(q.reshape((b, h2 * w2, nh, hd))?), h2, w2)
             }
-            None => (q, h, w),
+            None => (None, h, w),
         };
-        if crate::ops::cpu_f32(&[&q, &k, &v]) {
-            // Attention straight on the qkv views, result already [B, L, nh, hd] (in
-            // training too: the kernel has its own fused backward).
-            let o = sgp_kernels::attention::attention_blhd(&q, &k, &v)
+        if crate::ops::cpu_f32(&[&qkv]) {
+            // Attention straight on the packed qkv, result already [B, L, nh, hd]; in
+            // training its backward writes one packed qkv gradient.
+            let o = sgp_kernels::attention::attention_qkv(&qkv, pooled.as_ref())
                 .map_err(crate::ops::kernel_err("hiera attention"))?;
             return self.proj.forward(&o.reshape((b, h, w, self.dim_out))?);
         }
+        let k = qkv.narrow(2, 1, 1)?.squeeze(2)?;
+        let v = qkv.narrow(2, 2, 1)?.squeeze(2)?;
+        let q = match pooled {
+            Some(q) => q,
+            None => qkv.narrow(2, 0, 1)?.squeeze(2)?,
+        };
         // [B, nh, L, hd]
         let q = q.transpose(1, 2)?.contiguous()?;
         let k = k.transpose(1, 2)?.contiguous()?;
@@ -69,9 +72,13 @@ impl MultiScaleAttention {
 
 /// `nn.MaxPool2d(kernel=stride=s, ceil_mode=False)` applied to a channels-last map.
 fn max_pool_nhwc(x: &Tensor, s: [usize; 2]) -> Result<Tensor> {
+    if crate::ops::cpu_f32(&[x]) {
+        // The kernel's backward routes each gradient to its window's maximum.
+        return sgp_kernels::pool::max_pool_nhwc(x, s).map_err(crate::ops::kernel_err("q pooling"));
+    }
     if x.track_op() {
         // candle 0.11's max_pool2d backward scales the gradient by 1/k² (it multiplies by
-        // the window mean of the argmax mask), so training paths pool by reshape + max,
+        // the window mean of the argmax mask), so other devices pool by reshape + max,
         // whose backward routes the whole gradient to the maximum. Same forward values.
         let (b, h, w, c) = x.dims4()?;
         let (ho, wo) = (h / s[0], w / s[1]);
@@ -82,9 +89,6 @@ fn max_pool_nhwc(x: &Tensor, s: [usize; 2]) -> Result<Tensor> {
             .max_keepdim(2)?
             .reshape((b, ho, wo, c));
     }
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        return sgp_kernels::pool::max_pool_nhwc(x, s).map_err(crate::ops::kernel_err("q pooling"));
-    }
     let y = x.permute((0, 3, 1, 2))?.contiguous()?;
     let y = y.max_pool2d_with_stride((s[0], s[1]), (s[0], s[1]))?;
     y.permute((0, 2, 3, 1))?.contiguous()
@@ -93,6 +97,10 @@ fn max_pool_nhwc(x: &Tensor, s: [usize; 2]) -> Result<Tensor> {
 /// Splits `[B, H, W, C]` into `[B·nW, ws, ws, C]` windows, zero-padding H and W up to
 /// multiples of `ws`. Returns the padded size too.
 pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
+    if crate::ops::cpu_f32(&[x]) {
+        // One copy each way (training too: the kernel's backward is the inverse copy).
+        return sgp_kernels::window::window_partition(x, ws).map_err(crate::ops::kernel_err("window partition"));
+    }
     let (b, h, w, c) = x.dims4()?;
     let ph = (ws - h % ws) % ws;
     let pw = (ws - w % ws) % ws;
@@ -116,6 +124,10 @@ pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize)
 pub fn window_unpartition(windows: &Tensor, ws: usize, pad_hw: (usize, usize), hw: (usize, usize)) -> Result<Tensor> {
     let (hp, wp) = pad_hw;
     let (h, w) = hw;
+    if crate::ops::cpu_f32(&[windows]) && (hp, wp) == (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws) {
+        return sgp_kernels::window::window_unpartition(windows, ws, hw)
+            .map_err(crate::ops::kernel_err("window unpartition"));
+    }
     let (nwin, _, _, c) = windows.dims4()?;
     let b = nwin / ((hp / ws) * (wp / ws));
     let mut x = windows

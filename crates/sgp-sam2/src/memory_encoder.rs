@@ -255,9 +255,28 @@ impl CXBlock {
     }
 }
 
+impl CXBlock {
+    /// The 7×7 depthwise conv: `sgp_kernels`' direct loop on f32 CPU tensors (candle runs
+    /// `groups = C` as C separate convolutions, each with its own backward).
+    fn depthwise(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.dwconv;
+        let cfg = c.config();
+        let w = c.weight();
+        let (out_c, in_per_group, kh, kw) = w.dims4()?;
+        let depthwise = cfg.groups == out_c && in_per_group == 1 && kh == kw && cfg.stride == 1 && cfg.dilation == 1;
+        match c.bias() {
+            Some(b) if depthwise && crate::ops::cpu_f32(&[x, w, b]) => {
+                sgp_kernels::depthwise::depthwise_conv2d(x, w, b, cfg.padding)
+                    .map_err(crate::ops::kernel_err("depthwise conv"))
+            }
+            _ => c.forward(x),
+        }
+    }
+}
+
 impl Module for CXBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.norm.forward(&self.dwconv.forward(x)?)?;
+        let y = self.norm.forward(&self.depthwise(x)?)?;
         let y = y.permute((0, 2, 3, 1))?.contiguous()?;
         let y = self.pwconv2.forward(&gelu(&self.pwconv1.forward(&y)?)?)?;
         let y = match &self.gamma {

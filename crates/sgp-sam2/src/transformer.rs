@@ -132,8 +132,9 @@ impl Attention {
             self.k_proj.forward(k)?,
             self.v_proj.forward(v)?,
         );
-        if crate::ops::untracked_cpu_f32(&[&q, &k, &v]) {
-            // Inference: heads as [B, N, H, d] views of the projections, no transposes.
+        if crate::ops::cpu_f32(&[&q, &k, &v]) {
+            // Heads as [B, N, H, d] views of the projections, no transposes (in training
+            // too: the kernel has its own backward).
             let heads = |x: &Tensor| -> Result<Tensor> {
                 let (b, n, c) = x.dims3()?;
                 x.reshape((b, n, self.num_heads, c / self.num_heads))
