@@ -59,6 +59,13 @@ pub struct Args {
     /// With `--selection similar`: re-embed the support pool every N updates (0: once).
     #[arg(long)]
     selection_refresh: Option<usize>,
+    /// Slices per query on volumes (1: 2D training): chunks of consecutive slices through
+    /// the memory bank, as at inference.
+    #[arg(long)]
+    chunk_slices: Option<usize>,
+    /// Memory-bank policy of chunk training: similarity, fifo, sam2.
+    #[arg(long)]
+    bank: Option<String>,
     /// Table V ablation: train without support conditioning (no pseudo-mask, no box, no
     /// masked attention: SAM2 fine-tuned with the new head).
     #[arg(long)]
@@ -94,6 +101,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "random" => sgp::train::TrainSelection::Random,
         _ => sgp::train::TrainSelection::Similar,
     };
+    if let Some(n) = a.chunk_slices {
+        cfg.chunk_slices = n;
+    }
+    if let Some(b) = a.bank {
+        cfg.bank = b;
+    }
     if let Some(n) = a.selection_refresh {
         cfg.selection_refresh = n;
     }

@@ -1,9 +1,15 @@
 //! `PositionEmbeddingSine`: the fixed 2D sine/cosine encoding of the FPN levels and of
 //! the memory encoder. It has no weights; its output depends only on the map size.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use candle_core::{Device, Result, Tensor};
 
 use crate::config::PositionEmbeddingSineConfig;
+
+/// (H, W, device) of a cached encoding.
+type EncodingKey = (usize, usize, String);
 
 /// The 2D sine/cosine position encoding (DETR style), as in `sam2`.
 #[derive(Debug, Clone)]
@@ -13,6 +19,9 @@ pub struct PositionEmbeddingSine {
     temperature: f64,
     normalize: bool,
     scale: f64,
+    /// Encodings already computed, by (H, W, device): the FPN asks for the same four
+    /// sizes on every image, and the sines cost as much as a 1×1 conv of the level.
+    cache: Arc<Mutex<HashMap<EncodingKey, Tensor>>>,
 }
 
 impl PositionEmbeddingSine {
@@ -33,6 +42,7 @@ impl PositionEmbeddingSine {
             temperature: cfg.temperature,
             normalize: cfg.normalize,
             scale: cfg.scale.unwrap_or(2.0 * std::f64::consts::PI),
+            cache: Arc::default(),
         })
     }
 
@@ -99,7 +109,23 @@ impl PositionEmbeddingSine {
     /// batch, `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _c, h, w) = x.dims4()?;
-        let pe = self.encode(h, w, x.device())?.to_dtype(x.dtype())?;
-        pe.unsqueeze(0)?.repeat((b, 1, 1, 1))
+        let key = (h, w, format!("{:?}", x.device().location()));
+        let cached = self.cache.lock().ok().and_then(|c| c.get(&key).cloned());
+        let pe = match cached {
+            Some(pe) => pe,
+            None => {
+                let pe = self.encode(h, w, x.device())?;
+                if let Ok(mut c) = self.cache.lock() {
+                    c.insert(key, pe.clone());
+                }
+                pe
+            }
+        };
+        let pe = pe.to_dtype(x.dtype())?.unsqueeze(0)?;
+        if b == 1 {
+            Ok(pe)
+        } else {
+            pe.repeat((b, 1, 1, 1))
+        }
     }
 }

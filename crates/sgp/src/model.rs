@@ -412,6 +412,88 @@ impl SgpModel {
         }
     }
 
+    /// The 3D forward pass over a chunk of consecutive slices (each `[3, S, S]`,
+    /// normalised) for one class, as the 3D predictor runs a volume: slice t is decoded
+    /// from the supports' memories and a bank of the chunk's earlier slices' memories
+    /// (SAM2's memory encoder on each slice's final logits, temporal encoding by slice
+    /// distance; `bank` chooses what the bank keeps, its capacity is K). Returns one
+    /// [`SgpForward`] per slice. `first_features` may carry slice 0's features when they
+    /// were computed already (selection). Stored memories are detached (truncated
+    /// back-propagation through the chunk: each slice's loss trains the model through its
+    /// own pass, and the bank only conditions it). Under `no_pmg` or `no_3dm`, or for a
+    /// single slice, the slices are independent 2D passes.
+    pub fn forward_chunk(
+        &self,
+        slices: &[Tensor],
+        first_features: Option<PreparedFeatures>,
+        class: u32,
+        supports: &[SupportItem],
+        bank: sgp_memory::BankKind,
+    ) -> Result<Vec<SgpForward>> {
+        let _span = tracing::debug_span!("sgp_forward_chunk", class, slices = slices.len()).entered();
+        let mut first_features = first_features;
+        let mut features = |t: usize, x: &Tensor| -> Result<PreparedFeatures> {
+            match (t, first_features.take()) {
+                (0, Some(f)) => Ok(f),
+                _ => self.query_features(x),
+            }
+        };
+        if self.config.ablation.no_pmg || self.config.ablation.no_3dm || slices.len() < 2 {
+            return slices
+                .iter()
+                .enumerate()
+                .map(|(t, x)| {
+                    let f = features(t, x)?;
+                    self.forward_from_features(x, &f, class, supports)
+                })
+                .collect();
+        }
+        if supports.is_empty() {
+            return Err(TrainError::Memory("PMG needs at least one support".into()));
+        }
+        let mems: Vec<SupportMemory> = supports
+            .iter()
+            .map(|s| self.support_memory(s, class))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&SupportMemory> = mems.iter().collect();
+        let policy = bank.policy(supports.len()).map_err(mem_err)?;
+        let mut tracker =
+            sgp_memory::volume::SupportTracker::new(&self.sam, &[refs], policy, slices.len()).map_err(mem_err)?;
+        let mut out = Vec::with_capacity(slices.len());
+        for (t, x) in slices.iter().enumerate() {
+            let feats = features(t, x)?;
+            let x4 = x.to_device(self.sam.device())?.to_dtype(DType::F32)?.unsqueeze(0)?;
+            let mut head_score = None;
+            let mut refine = |pmg: &PmgOutput, _ctx: &sgp_memory::volume::SliceContext| -> sgp_memory::Result<Tensor> {
+                match &self.head {
+                    None => Ok(pmg.pred_masks_high_res.clone()),
+                    Some((head, _)) => {
+                        let o = head
+                            .forward(&self.sam, &pmg_parts(pmg), &x4)
+                            .map_err(|e| sgp_memory::Error::Input(e.to_string()))?;
+                        head_score = Some(o.object_score_logits);
+                        Ok(o.final_logits)
+                    }
+                }
+            };
+            let ctx = sgp_memory::volume::SliceContext {
+                index: t,
+                pass: 0,
+                reverse: false,
+                step: t,
+            };
+            let tracked = tracker.step(&feats, ctx, &mut refine).map_err(mem_err)?;
+            let mut object_scores = vec![tracked.pmg.object_score_logits.clone()];
+            object_scores.extend(head_score);
+            out.push(SgpForward {
+                pseudo_logits: self.head.as_ref().map(|_| tracked.pmg.pred_masks_high_res.clone()),
+                final_logits: tracked.final_logits,
+                object_scores,
+            });
+        }
+        Ok(out)
+    }
+
     /// The shared ownership handle of the head's variables (for saving a head file).
     pub fn head_varmap(&self) -> Option<&VarMap> {
         self.head.as_ref().map(|(_, v)| v)

@@ -18,7 +18,8 @@
 //!
 //! # Loop
 //! One micro-batch is one query × class ([`SgpModel::forward`] and
-//! [`crate::loss::sgp_loss`]); `accumulation` micro-batches make one AdamW update
+//! [`crate::loss::sgp_loss`]; with `chunk_slices` > 1 on volumes, a chunk of consecutive
+//! slices through the memory bank, [`SgpModel::forward_chunk`], loss averaged over it); `accumulation` micro-batches make one AdamW update
 //! ([`crate::optim`]). The epoch order is a seeded shuffle of the query list; the RNG
 //! (augmentation, supports) is a single-`u64` SplitMix64. Both are in the checkpoint,
 //! so a resumed run continues exactly where the saved one was.
@@ -107,6 +108,15 @@ pub struct TrainConfig {
     /// model every this many updates (0: only once, at the start).
     #[serde(default = "default_selection_refresh")]
     pub selection_refresh: usize,
+    /// Slices per training query (1: 2D training). With more, a query of a volume is a
+    /// chunk of up to this many consecutive slices of one case, run slice by slice
+    /// through the memory bank as at inference ([`SgpModel::forward_chunk`]); its loss is
+    /// the mean over the chunk's slices. 2D images stay single planes.
+    #[serde(default = "default_chunk_slices")]
+    pub chunk_slices: usize,
+    /// Memory-bank policy of chunk training: `similarity` (default), `fifo` or `sam2`.
+    #[serde(default = "default_bank")]
+    pub bank: String,
     /// Absent-class queries per present-class query.
     pub empty_fraction: f64,
     /// Slicing axis of volumes.
@@ -121,6 +131,14 @@ pub struct TrainConfig {
 
 fn default_selection_refresh() -> usize {
     100
+}
+
+fn default_chunk_slices() -> usize {
+    1
+}
+
+fn default_bank() -> String {
+    "similarity".into()
 }
 
 /// How a query's K supports are chosen in training.
@@ -175,6 +193,8 @@ impl TrainConfig {
             pool_size: 0,
             selection: TrainSelection::Similar,
             selection_refresh: default_selection_refresh(),
+            chunk_slices: default_chunk_slices(),
+            bank: default_bank(),
             empty_fraction: 0.25,
             axis: 2,
             val_every: 100,
@@ -200,6 +220,12 @@ impl TrainConfig {
         }
         if self.accumulation == 0 {
             return bad("gradient accumulation must be at least 1".into());
+        }
+        if self.chunk_slices == 0 {
+            return bad("--chunk-slices must be at least 1".into());
+        }
+        if let Err(e) = self.bank.parse::<sgp_memory::BankKind>() {
+            return bad(format!("--bank: {e}"));
         }
         if let Some(m) = self.max_minutes {
             if !(m.is_finite() && m > 0.0) {
@@ -302,7 +328,30 @@ fn resize_plane(plane: &Tensor, s: usize) -> Result<Array3<f32>> {
     Array3::from_shape_vec((c, s, s), v).map_err(|e| TrainError::Shape(e.to_string()))
 }
 
+/// Whether `b` is the slice right after `a` in the same case.
+fn next_slice(a: &Plane, b: &Plane) -> bool {
+    a.case == b.case && b.index == a.index + 1
+}
+
+/// Indices of up to `t` consecutive slices of one case starting at plane `start`.
+fn chunk_of(planes: &[Plane], start: usize, t: usize) -> Vec<usize> {
+    let mut out = vec![start];
+    while out.len() < t {
+        let last = out[out.len() - 1];
+        match planes.get(last + 1) {
+            Some(p) if next_slice(&planes[last], p) => out.push(last + 1),
+            _ => break,
+        }
+    }
+    out
+}
+
 impl TrainData {
+    /// The training planes of the query (chunk) starting at plane `start`.
+    pub fn chunk(&self, start: usize, chunk_slices: usize) -> Vec<usize> {
+        chunk_of(&self.train, start, chunk_slices.max(1))
+    }
+
     /// Reads and splits the dataset, builds the pool and the query lists, and checks
     /// that every class can be trained with K supports (clear errors otherwise).
     pub fn load(cfg: &TrainConfig) -> Result<Self> {
@@ -415,9 +464,19 @@ impl TrainData {
 
         let mut queries = Vec::new();
         let mut absent = Vec::new();
+        // A query starts a chunk: every plane in 2D training, every `chunk_slices`-th plane
+        // of each run of consecutive slices otherwise.
+        let t = cfg.chunk_slices.max(1);
+        let mut run_pos = 0usize;
         for (i, p) in train.iter().enumerate() {
+            let continues = i > 0 && next_slice(&train[i - 1], p);
+            run_pos = if continues { run_pos + 1 } else { 0 };
+            if !run_pos.is_multiple_of(t) {
+                continue;
+            }
+            let chunk = chunk_of(&train, i, t);
             for &c in &classes {
-                if p.has(c) {
+                if chunk.iter().any(|&j| train[j].has(c)) {
                     queries.push((i, c));
                 } else {
                     absent.push((i, c));
@@ -566,6 +625,34 @@ pub fn model_loss(
 ) -> Result<crate::loss::LossOutput> {
     let fwd = model.forward(image, class, supports)?;
     forward_loss(&fwd, target, class, weights)
+}
+
+/// The mean of several slices' losses: the total tensor and every term.
+fn mean_loss(mut losses: Vec<crate::loss::LossOutput>) -> Result<crate::loss::LossOutput> {
+    if losses.len() == 1 {
+        return Ok(losses.remove(0));
+    }
+    let n = losses.len() as f64;
+    if losses.is_empty() {
+        return Err(TrainError::Config("internal: a query chunk without slices".into()));
+    }
+    let totals: Vec<Tensor> = losses.iter().map(|l| l.total.clone()).collect();
+    let total = (Tensor::stack(&totals, 0)?.sum_all()? / n)?;
+    let mut b = LossBreakdown::default();
+    for l in &losses {
+        let x = &l.breakdown;
+        b.total += x.total / n;
+        b.dice += x.dice / n;
+        b.bce += x.bce / n;
+        b.kl += x.kl / n;
+        b.object += x.object / n;
+        for (c, (d, e)) in &x.per_class {
+            let s = b.per_class.entry(*c).or_default();
+            s.0 += d / n;
+            s.1 += e / n;
+        }
+    }
+    Ok(crate::loss::LossOutput { total, breakdown: b })
 }
 
 /// [`sgp_loss`] of one forward pass against `target` `[1, 1, S, S]`.
@@ -895,37 +982,58 @@ impl Trainer {
         Ok(())
     }
 
-    /// The loss of one (possibly augmented) query of `patient` with supports chosen as
-    /// the configuration says.
+    /// The loss of the query (chunk) starting at training plane `start`, for `class`,
+    /// augmented with `params`, with supports chosen as the configuration says; and the
+    /// number of query images it took.
     fn micro_batch_loss(
         &self,
-        image: &Array3<f32>,
-        labels: &Array2<u16>,
+        start: usize,
         class: u32,
-        patient: &str,
+        params: &AugmentParams,
         rng: &mut Rng,
-    ) -> Result<crate::loss::LossOutput> {
+    ) -> Result<(crate::loss::LossOutput, usize)> {
+        let dev = &self.device;
         let k = self.config.support_size;
-        let Some(pool_embeddings) = self
+        let planes = self.data.chunk(start, self.config.chunk_slices);
+        let patient = &self.data.train[start].patient;
+        let mut images = Vec::with_capacity(planes.len());
+        let mut targets = Vec::with_capacity(planes.len());
+        for &i in &planes {
+            let p = &self.data.train[i];
+            let (img, lbl) = crate::augment::apply(&p.image, &p.labels, params);
+            images.push(Plane::model_input(&img, dev)?);
+            targets.push(Plane::mask_of(&lbl, class, dev)?.unsqueeze(0)?.unsqueeze(0)?);
+        }
+        let similar = self
             .pool_embeddings
             .as_ref()
-            .filter(|_| self.config.selection == TrainSelection::Similar)
-        else {
-            let supports = self.data.draw_supports(class, patient, k, rng)?;
-            return self.query_loss(image, labels, class, &supports);
+            .filter(|_| self.config.selection == TrainSelection::Similar);
+        let (first, supports) = match similar {
+            Some(pool_embeddings) => {
+                // The first slice's own features choose the supports (no extra encoder pass).
+                let feats = self.model.query_features(&images[0])?;
+                let emb = SgpModel::selection_embedding(&feats)?;
+                let picked = self.data.similar_supports(class, patient, k, &emb, pool_embeddings)?;
+                (Some(feats), picked)
+            }
+            None => (None, self.data.draw_supports(class, patient, k, rng)?),
         };
-        let dev = &self.device;
-        let x = Plane::model_input(image, dev)?;
-        let feats = self.model.query_features(&x)?;
-        let emb = SgpModel::selection_embedding(&feats)?;
-        let supports = self.data.similar_supports(class, patient, k, &emb, pool_embeddings)?;
         let items: Vec<SupportItem> = supports
             .iter()
             .map(|&i| self.data.support_item(i, class, dev))
             .collect::<Result<_>>()?;
-        let fwd = self.model.forward_from_features(&x, &feats, class, &items)?;
-        let target = Plane::mask_of(labels, class, dev)?.unsqueeze(0)?.unsqueeze(0)?;
-        forward_loss(&fwd, &target, class, &self.config.loss)
+        let bank: sgp_memory::BankKind = self
+            .config
+            .bank
+            .parse()
+            .map_err(|e| TrainError::Config(format!("{e}")))?;
+        let fwds = self.model.forward_chunk(&images, first, class, &items, bank)?;
+        let losses: Vec<crate::loss::LossOutput> = fwds
+            .iter()
+            .zip(&targets)
+            .map(|(f, t)| forward_loss(f, t, class, &self.config.loss))
+            .collect::<Result<_>>()?;
+        Ok((mean_loss(losses)?, planes.len()))
     }
 
     /// One optimiser update (`accumulation` micro-batches); returns the mean loss terms.
@@ -939,10 +1047,8 @@ impl Trainer {
         let mut info = None;
         for _ in 0..n {
             let (pi, c) = self.next_query();
-            let plane = &self.data.train[pi];
             let params = AugmentParams::draw(&self.config.augment, &mut rng);
-            let (img, lbl) = crate::augment::apply(&plane.image, &plane.labels, &params);
-            let out = self.micro_batch_loss(&img, &lbl, c, &plane.patient.clone(), &mut rng)?;
+            let (out, images) = self.micro_batch_loss(pi, c, &params, &mut rng)?;
             let grads = out.total.backward()?;
             let i = self.optimizer.accumulate(&grads)?;
             if i.updated {
@@ -959,7 +1065,7 @@ impl Trainer {
                 e.0 += d / n as f64;
                 e.1 += x / n as f64;
             }
-            self.state.images_seen += 1;
+            self.state.images_seen += images;
         }
         self.state.rng_state = rng.state;
         self.state.step = self.optimizer.step();
@@ -1095,9 +1201,10 @@ impl Trainer {
         let budget = self.config.max_minutes.map(|m| m * 60.0);
         while self.state.step < total {
             let t0 = Instant::now();
+            let seen = self.state.images_seen;
             let (loss, info) = self.step()?;
             let dt = t0.elapsed().as_secs_f64();
-            let ips = self.config.accumulation as f64 / dt.max(1e-9);
+            let ips = (self.state.images_seen - seen) as f64 / dt.max(1e-9);
             if !loss.total.is_finite() {
                 return Err(TrainError::Config(format!(
                     "the loss became {} at step {}; lower the learning rate",

@@ -322,3 +322,75 @@ fn similar_selection_ranks_by_embedding_and_leaves_the_patient_out() {
         .all(|&i| d.train[i].patient != patient && d.train[i].has(c)));
     assert!(d.similar_supports(c, &patient, 2, &query, &emb[1..]).is_err());
 }
+
+#[test]
+fn chunk_training_on_real_volumes_runs_through_the_memory_bank() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.chunk_slices = 3;
+    cfg.augment = AugmentConfig::none();
+    cfg.steps = 8;
+    let opts = RunOptions::default();
+    let mut t = Trainer::new(cfg.clone(), dir.path(), &opts).unwrap();
+    // Queries start chunks of consecutive slices of one case.
+    let (start, _) = t.data.queries[0];
+    let chunk = t.data.chunk(start, 3);
+    assert_eq!(chunk.len(), 3, "the demo scans are volumes");
+    for w in chunk.windows(2) {
+        let (a, b) = (&t.data.train[w[0]], &t.data.train[w[1]]);
+        assert_eq!((a.case.as_str(), a.index + 1), (b.case.as_str(), b.index));
+    }
+    // The bank conditions later slices: slice 1 of the chunk is not its 2D pass.
+    let (_, c) = t.data.queries[0];
+    let p0 = &t.data.train[chunk[0]];
+    let sup = t.data.draw_supports(c, &p0.patient, 2, &mut Rng::new(3)).unwrap();
+    let items: Vec<_> = sup
+        .iter()
+        .map(|&i| t.data.support_item(i, c, &Device::Cpu).unwrap())
+        .collect();
+    let xs: Vec<Tensor> = chunk
+        .iter()
+        .map(|&i| sgp::train::Plane::model_input(&t.data.train[i].image, &Device::Cpu).unwrap())
+        .collect();
+    t.model.set_train(false);
+    let bank = sgp::memory::BankKind::Similarity;
+    let a = t.model.forward_chunk(&xs[..2], None, c, &items, bank).unwrap();
+    let other = [xs[2].clone(), xs[1].clone()];
+    let b = t.model.forward_chunk(&other, None, c, &items, bank).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // Slice 1 sees slice 0's memory: another slice 0 changes it.
+    let d1 = diff(&a[1].final_logits, &b[1].final_logits);
+    assert!(d1 > 1e-3, "slice 1 must depend on the bank (max change {d1})");
+    // The same chunk twice gives the same result (no hidden state between chunks).
+    let again = t.model.forward_chunk(&xs[..2], None, c, &items, bank).unwrap();
+    assert_eq!(diff(&a[1].final_logits, &again[1].final_logits), 0.0);
+    t.model.set_train(true);
+    let n_chunks = t.data.queries.len();
+    let s = t.run(&opts).unwrap();
+    assert_eq!(s.steps, 8);
+    assert!(s.last_loss.total.is_finite());
+    // Every update saw whole chunks: more images than micro-batches.
+    assert!(
+        t.state.images_seen > 8,
+        "{} images in 8 single-query updates",
+        t.state.images_seen
+    );
+    eprintln!(
+        "chunk training: {n_chunks} chunk queries, {} images in 8 updates, loss {:.4}",
+        t.state.images_seen, s.last_loss.total
+    );
+    // A bad bank policy is refused before training.
+    let mut bad = cfg;
+    bad.bank = "lifo".into();
+    let err = setup_error(bad);
+    assert!(err.contains("--bank"), "{err}");
+}
