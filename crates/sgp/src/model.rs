@@ -358,6 +358,14 @@ impl SgpModel {
         Ok(e.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     }
 
+    /// The memories of the supports for `class` (at least one).
+    fn support_memories(&self, supports: &[SupportItem], class: u32) -> Result<Vec<SupportMemory>> {
+        if supports.is_empty() {
+            return Err(TrainError::Memory("PMG needs at least one support".into()));
+        }
+        supports.iter().map(|s| self.support_memory(s, class)).collect()
+    }
+
     /// PMG for one query and class: support-conditioned, or SAM2's no-memory path under
     /// `no_pmg`.
     pub fn pmg(&self, feats: &PreparedFeatures, class: u32, supports: &[SupportItem]) -> Result<PmgOutput> {
@@ -365,13 +373,7 @@ impl SgpModel {
             return crate::predictor::unconditioned_pmg(&self.sam, feats)
                 .map_err(|e| TrainError::Memory(e.to_string()));
         }
-        if supports.is_empty() {
-            return Err(TrainError::Memory("PMG needs at least one support".into()));
-        }
-        let mems: Vec<SupportMemory> = supports
-            .iter()
-            .map(|s| self.support_memory(s, class))
-            .collect::<Result<_>>()?;
+        let mems = self.support_memories(supports, class)?;
         let refs: Vec<&SupportMemory> = mems.iter().collect();
         Pmg::new(&self.sam).pseudo_mask(feats, &refs).map_err(mem_err)
     }
@@ -448,13 +450,7 @@ impl SgpModel {
                 })
                 .collect();
         }
-        if supports.is_empty() {
-            return Err(TrainError::Memory("PMG needs at least one support".into()));
-        }
-        let mems: Vec<SupportMemory> = supports
-            .iter()
-            .map(|s| self.support_memory(s, class))
-            .collect::<Result<_>>()?;
+        let mems = self.support_memories(supports, class)?;
         let refs: Vec<&SupportMemory> = mems.iter().collect();
         let policy = bank.policy(supports.len()).map_err(mem_err)?;
         let mut tracker =
