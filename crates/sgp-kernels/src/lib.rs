@@ -7,6 +7,7 @@
 //! - [`attention`]: plain attention on strided `[B, L, H, D]` views, for inference.
 //! - [`linear`]: `x Wᵀ + b` in one gemm call with the bias fused, for inference.
 //! - [`pool`]: channels-last max pooling on strided views, for inference.
+//! - [`rope`]: rotary encoding of interleaved pairs over repeated grids, with its backward.
 //! - [`activation`]: a one-pass GELU (erf form) with its backward.
 //! - [`math`]: a vectorisable f32 `exp` that the kernels and the GELU share.
 //! - [`testing`]: the comparison helpers the workspace's tests share.
@@ -46,6 +47,7 @@ pub mod math;
 pub mod norm;
 pub mod pool;
 pub mod resize;
+pub mod rope;
 pub mod testing;
 pub mod window;
 

@@ -203,7 +203,7 @@ impl RoPEAttention {
         let (b, h, nq, dh) = q.dims4()?;
         let nk = k.dim(2)?;
         let q = if self.use_rope {
-            let rope = AxialRope::for_tokens(dh, nq, self.rope_theta, q.device())?;
+            let rope = AxialRope::cached(dh, nq, self.rope_theta, q.device())?;
             if nq != nk && !self.rope_k_repeat {
                 candle_core::bail!("RoPE attention over {nq} queries and {nk} keys needs rope_k_repeat");
             }
@@ -215,12 +215,7 @@ impl RoPEAttention {
                 if !nk_rope.is_multiple_of(nq) {
                     candle_core::bail!("{nk_rope} rotated keys are not a multiple of the {nq}-token grid");
                 }
-                let rotated = rope.apply(&k.narrow(2, 0, nk_rope)?, nk_rope / nq)?;
-                k = if num_k_exclude_rope > 0 {
-                    Tensor::cat(&[rotated, k.narrow(2, nk_rope, num_k_exclude_rope)?], 2)?
-                } else {
-                    rotated
-                };
+                k = rope.apply_leading(&k, nk_rope)?;
             }
             rope.apply(&q, 1)?
         } else {

@@ -5,10 +5,21 @@
 //! second quarter by its row. The token grid is square and follows from the token count,
 //! so the same layer works at any image size.
 //!
-//! candle's `rope_i` kernel has no backward; when autograd tracks the input we compose the
-//! rotation from differentiable ops (`rope_i_slow`), which computes the same function.
+//! On f32 CPU tensors the rotation is `sgp_kernels::rope` (one pass, with its backward;
+//! repeated grids and unrotated trailing tokens without concatenations). Elsewhere
+//! candle's `rope_i` runs, whose kernel has no backward: when autograd tracks the input
+//! we compose the rotation from differentiable ops (`rope_i_slow`), the same function.
 
-use candle_core::{DType, Device, Result, Tensor};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, DeviceLocation, Result, Tensor};
+
+/// Tables built so far, by (head dim, tokens, theta bits, device): the memory attention
+/// asks for the same grid in every layer of every slice.
+type RopeCache = Vec<((usize, usize, u64, DeviceLocation), Arc<AxialRope>)>;
+static ROPE_CACHE: Mutex<RopeCache> = Mutex::new(Vec::new());
+/// Sizes kept at once (a few image sizes and head dims in one process).
+const ROPE_CACHE_ENTRIES: usize = 16;
 
 /// Cosine and sine tables `[tokens, head_dim/2]` for an `end_x × end_y` grid (row-major,
 /// x fastest), matching the complex `freqs_cis` of the official code.
@@ -65,6 +76,22 @@ impl AxialRope {
         Self::new(head_dim, side, side, theta, device)
     }
 
+    /// [`Self::for_tokens`], built once per (head dim, tokens, theta, device) and shared
+    /// (the tables are constants; building them costs `tokens × head_dim` sin/cos).
+    pub fn cached(head_dim: usize, tokens: usize, theta: f64, device: &Device) -> Result<Arc<Self>> {
+        let key = (head_dim, tokens, theta.to_bits(), device.location());
+        let mut cache = ROPE_CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, rope)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(rope.clone());
+        }
+        let rope = Arc::new(Self::for_tokens(head_dim, tokens, theta, device)?);
+        if cache.len() >= ROPE_CACHE_ENTRIES {
+            cache.remove(0);
+        }
+        cache.push((key, rope.clone()));
+        Ok(rope)
+    }
+
     pub fn tokens(&self) -> usize {
         self.end_x * self.end_y
     }
@@ -76,6 +103,27 @@ impl AxialRope {
         if t != self.tokens() * repeat {
             candle_core::bail!("RoPE: {t} tokens do not match {repeat} × {} grid tokens", self.tokens());
         }
+        self.apply_leading(x, t)
+    }
+
+    /// Rotates the first `rotated` tokens of `x` [B, heads, T, head_dim] (a whole number
+    /// of grids) and leaves the rest as they are: memories of several frames followed by
+    /// object pointers, which SAM2 does not rotate.
+    pub fn apply_leading(&self, x: &Tensor, rotated: usize) -> Result<Tensor> {
+        let (_, _, t, _) = x.dims4()?;
+        let grid = self.tokens();
+        if rotated > t || !rotated.is_multiple_of(grid) {
+            candle_core::bail!("RoPE: {rotated} rotated tokens of {t} are not a multiple of the {grid}-token grid");
+        }
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return sgp_kernels::rope::rope_interleaved(x, &self.cos, &self.sin, rotated)
+                .map_err(crate::ops::kernel_err("rope"));
+        }
+        if rotated < t {
+            let head = self.apply_leading(&x.narrow(2, 0, rotated)?, rotated)?;
+            return Tensor::cat(&[head, x.narrow(2, rotated, t - rotated)?], 2);
+        }
+        let repeat = rotated / grid;
         let (cos, sin) = if repeat == 1 {
             (self.cos.clone(), self.sin.clone())
         } else {
@@ -120,15 +168,32 @@ mod tests {
         let dev = Device::Cpu;
         let rope = AxialRope::for_tokens(16, 9, 10000.0, &dev)?;
         let x = Tensor::randn(0f32, 1.0, (2, 2, 18, 16), &dev)?;
+        // f32: the kernel; tracked f64: candle's differentiable composition.
         let fast = rope.apply(&x, 2)?;
-        let var = candle_core::Var::from_tensor(&x)?;
-        let slow = rope.apply(var.as_tensor(), 2)?;
-        let diff = (fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let var = candle_core::Var::from_tensor(&x.to_dtype(DType::F64)?)?;
+        let slow = rope.apply(var.as_tensor(), 2)?.to_dtype(DType::F32)?;
+        let diff = (&fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "paths differ by {diff}");
         // Rotation keeps the norm of each pair.
         let n0 = x.sqr()?.sum_all()?.to_scalar::<f32>()?;
-        let n1 = rope.apply(&x, 2)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        let n1 = fast.sqr()?.sum_all()?.to_scalar::<f32>()?;
         assert!((n0 - n1).abs() / n0 < 1e-5);
+        // Trailing tokens past the rotated grids are left as they are, on both paths.
+        let x = Tensor::randn(0f32, 1.0, (1, 1, 12, 16), &dev)?;
+        let fast = rope.apply_leading(&x, 9)?;
+        let slow = rope.apply_leading(&x.to_dtype(DType::F64)?, 9)?.to_dtype(DType::F32)?;
+        assert!((&fast - slow)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+        let tail = (fast.narrow(2, 9, 3)? - x.narrow(2, 9, 3)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(tail, 0.0);
+        assert!(rope.apply_leading(&x, 10).is_err());
+        // The cache hands out one table per size.
+        let a = AxialRope::cached(16, 9, 10000.0, &dev)?;
+        let b = AxialRope::cached(16, 9, 10000.0, &dev)?;
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &AxialRope::cached(16, 16, 10000.0, &dev)?));
         Ok(())
     }
 
