@@ -24,7 +24,6 @@ struct Rope {
 }
 
 impl Rope {
-    #[allow(clippy::too_many_arguments)]
     fn run(&self, x: &[f32], cos: &[f32], sin: &[f32], t: usize, d: usize, grid: usize) -> Vec<f32> {
         let half = d / 2;
         let sign = if self.inverse { -1f32 } else { 1f32 };

@@ -212,9 +212,7 @@ impl RoPEAttention {
             }
             let nk_rope = nk - num_k_exclude_rope;
             if nk_rope > 0 {
-                if !nk_rope.is_multiple_of(nq) {
-                    candle_core::bail!("{nk_rope} rotated keys are not a multiple of the {nq}-token grid");
-                }
+                // Errors when the rotated keys are not whole copies of the query grid.
                 k = rope.apply_leading(&k, nk_rope)?;
             }
             rope.apply(&q, 1)?
