@@ -52,7 +52,18 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    // First, before any thread starts: candle's idle elementwise threads park instead of
+    // spinning on the cores rayon's matmuls need (see sgp_kernels::runtime).
+    sgp_kernels::runtime::park_idle_candle_threads();
+    // `SGP_SPAN_TIMES=1` logs each span's busy/idle time when it closes (with e.g.
+    // `RUST_LOG=sgp_sam2=debug`): a per-step profile without a profiler.
+    let span_events = if std::env::var_os("SGP_SPAN_TIMES").is_some_and(|v| v == "1") {
+        tracing_subscriber::fmt::format::FmtSpan::CLOSE
+    } else {
+        tracing_subscriber::fmt::format::FmtSpan::NONE
+    };
     tracing_subscriber::fmt()
+        .with_span_events(span_events)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),

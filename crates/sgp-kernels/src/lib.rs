@@ -5,11 +5,14 @@
 //! - [`masked_attention`]: attention with a probability-map key bias (soft) or key mask
 //!   (hard), tiled with an online softmax; CPU and, under feature `cuda`, CUDA; with backward.
 //! - [`attention`]: plain attention on strided `[B, L, H, D]` views, for inference.
+//! - [`conv`]: NCHW convolutions (im2col + one gemm, 2×2 transposed) and the channel
+//!   LayerNorm, for inference.
 //! - [`linear`]: `x Wᵀ + b` in one gemm call with the bias fused, for inference.
 //! - [`pool`]: channels-last max pooling on strided views, for inference.
 //! - [`rope`]: rotary encoding of interleaved pairs over repeated grids, with its backward.
 //! - [`activation`]: a one-pass GELU (erf form) with its backward.
 //! - [`math`]: a vectorisable f32 `exp` that the kernels and the GELU share.
+//! - [`runtime`]: process settings of the CPU runtime (candle's idle worker threads).
 //! - [`testing`]: the comparison helpers the workspace's tests share.
 //!
 //! The two kernel families keep their module paths (`resize::bilinear` says what it is);
@@ -39,6 +42,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod conv;
 pub mod depthwise;
 mod error;
 pub mod linear;
@@ -48,6 +52,7 @@ pub mod norm;
 pub mod pool;
 pub mod resize;
 pub mod rope;
+pub mod runtime;
 pub mod testing;
 pub mod window;
 

@@ -511,3 +511,39 @@ fn backward_is_independent_of_the_thread_pool() -> R<()> {
     }
     Ok(())
 }
+
+/// The forward-only plain attention with values narrower, as wide as, and wider than the
+/// keys, against matmul → softmax → matmul; lengths cross the 64/128/256-row query tiles
+/// and the 256-key tiles.
+#[test]
+fn plain_attention_matches_the_composition_for_any_value_width() -> R<()> {
+    use sgp_kernels::masked_attention::attention_inference;
+    let mut rng = StdRng::seed_from_u64(11);
+    for &(b, h, lq, lk, d, dv) in &[(1, 1, 300, 600, 32, 8), (2, 2, 65, 257, 16, 16), (1, 3, 7, 5, 8, 24)] {
+        let q = randn(&mut rng, &[b, h, lq, d], 2.0)?;
+        let k = randn(&mut rng, &[b, h, lk, d], 2.0)?;
+        let v = randn(&mut rng, &[b, h, lk, dv], 1.0)?;
+        let ours = attention_inference(&q, &k, &v)?;
+        let logits = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let reference = candle_nn::ops::softmax_last_dim(&logits)?.matmul(&v)?;
+        assert_eq!(ours.dims(), [b, h, lq, dv]);
+        let diff = sgp_kernels::testing::max_abs_diff(&ours, &reference)?;
+        assert!(diff < 1e-5, "{:?}: {diff}", (b, h, lq, lk, d, dv));
+    }
+    Ok(())
+}
+
+#[test]
+fn plain_attention_refuses_mismatched_and_tracked_inputs() -> R<()> {
+    use sgp_kernels::masked_attention::attention_inference;
+    let mut rng = StdRng::seed_from_u64(12);
+    let q = randn(&mut rng, &[1, 1, 4, 8], 1.0)?;
+    let k = randn(&mut rng, &[1, 1, 6, 8], 1.0)?;
+    let short_v = randn(&mut rng, &[1, 1, 5, 8], 1.0)?;
+    let err = attention_inference(&q, &k, &short_v).unwrap_err();
+    assert!(err.to_string().contains("do not fit"), "{err}");
+    let tracked = Var::from_tensor(&k)?;
+    let err = attention_inference(&q, tracked.as_tensor(), &k).unwrap_err();
+    assert!(err.to_string().contains("tracked"), "{err}");
+    Ok(())
+}

@@ -378,7 +378,7 @@ impl Hiera {
     /// `x`: `[B, 3, S, S]` normalised image.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let _span = tracing::debug_span!("hiera").entered();
-        let x = self.patch_embed.forward(x)?.permute((0, 2, 3, 1))?;
+        let x = crate::ops::conv2d(&self.patch_embed, x)?.permute((0, 2, 3, 1))?;
         let (_, h, w, _) = x.dims4()?;
         let mut x = x.broadcast_add(&self.pos_embed_for(h, w)?)?.contiguous()?;
         let last = *self.stage_ends.last().unwrap_or(&0);

@@ -11,7 +11,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, VarBuilder};
 
 use crate::adapt::AdaptableLinear;
-use crate::ops::{gelu, LayerNorm2d};
+use crate::ops::{conv2d, gelu, LayerNorm2d};
 use crate::transformer::{Activation, Mlp, TwoWayTransformer};
 
 /// `nn.ConvTranspose2d(c_in, c_out, kernel_size=2, stride=2)`.
@@ -38,6 +38,10 @@ impl ConvTranspose2x2 {
 
 impl Module for ConvTranspose2x2 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::ops::untracked_cpu_f32(&[x, &self.weight, &self.bias]) {
+            return sgp_kernels::conv::conv_transpose_2x2(x, &self.weight, &self.bias)
+                .map_err(crate::ops::kernel_err("conv transpose 2x2"));
+        }
         let (b, c_in, h, w) = x.dims4()?;
         let c_out = self.weight.dim(1)?;
         let xm = x.permute((0, 2, 3, 1))?.reshape((b * h * w, c_in))?;
@@ -329,7 +333,7 @@ impl MaskDecoder {
     /// `SAM2Base.forward_image` does. Errors when the decoder has no high-res path.
     pub fn project_high_res(&self, level0: &Tensor, level1: &Tensor) -> Result<(Tensor, Tensor)> {
         match (&self.conv_s0, &self.conv_s1) {
-            (Some(c0), Some(c1)) => Ok((c0.forward(level0)?, c1.forward(level1)?)),
+            (Some(c0), Some(c1)) => Ok((conv2d(c0, level0)?, conv2d(c1, level1)?)),
             _ => candle_core::bail!("mask decoder: use_high_res_features is off, no conv_s0/conv_s1"),
         }
     }
@@ -376,12 +380,12 @@ impl MaskDecoder {
         let upscaled = match high_res_features {
             None => {
                 let x = self.upscale_conv1.forward(&src)?;
-                let x = gelu(&self.upscale_norm.forward(&x)?)?;
+                let x = self.upscale_norm.forward_gelu(&x)?;
                 gelu(&self.upscale_conv2.forward(&x)?)?
             }
             Some((feat_s0, feat_s1)) => {
                 let x = self.upscale_conv1.forward(&src)?.broadcast_add(feat_s1)?;
-                let x = gelu(&self.upscale_norm.forward(&x)?)?;
+                let x = self.upscale_norm.forward_gelu(&x)?;
                 gelu(&self.upscale_conv2.forward(&x)?.broadcast_add(feat_s0)?)?
             }
         };

@@ -199,7 +199,19 @@ impl RoPEAttention {
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, num_k_exclude_rope: usize) -> Result<Tensor> {
         let q = self.separate_heads(&self.q_proj.forward(q)?)?;
         let mut k = self.separate_heads(&self.k_proj.forward(k)?)?;
-        let v = self.separate_heads(&self.v_proj.forward(v)?)?;
+        // Inference with one head over narrower inputs (SAM2's 64-channel memories, a
+        // 256-wide head): attend over the raw inputs and apply v_proj to the output.
+        // Softmax rows sum to one, so P·(M Wᵀ + b) = (P·M) Wᵀ + b, LoRA included (it is
+        // linear too); the P·V product shrinks by kv_in / head_dim, 4× in SAM2.
+        let narrow_values = self.num_heads == 1
+            && v.rank() == 3
+            && v.dim(2)? < self.internal_dim
+            && crate::ops::untracked_cpu_f32(&[&q, &k, v]);
+        let v = if narrow_values {
+            v.unsqueeze(1)?
+        } else {
+            self.separate_heads(&self.v_proj.forward(v)?)?
+        };
         let (b, h, nq, dh) = q.dims4()?;
         let nk = k.dim(2)?;
         let q = if self.use_rope {
@@ -219,6 +231,11 @@ impl RoPEAttention {
         } else {
             q
         };
+        if narrow_values {
+            let out = sgp_kernels::masked_attention::attention_inference(&q, &k, &v)
+                .map_err(crate::ops::kernel_err("memory attention"))?;
+            return self.out_proj.forward(&self.v_proj.forward(&out.squeeze(1)?)?);
+        }
         let out = scaled_dot_product_attention(&q, &k, &v)?;
         let out = out.transpose(1, 2)?.reshape((b, nq, h * dh))?;
         self.out_proj.forward(&out)

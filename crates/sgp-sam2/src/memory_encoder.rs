@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::adapt::AdaptableLinear;
 use crate::config::PositionEmbeddingSineConfig;
-use crate::ops::{gelu, LayerNorm2d};
+use crate::ops::{conv2d, gelu, LayerNorm2d};
 use crate::position_encoding::PositionEmbeddingSine;
 
 fn default_256() -> usize {
@@ -221,9 +221,9 @@ impl Module for MaskDownSampler {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for (c, n) in &self.stages {
-            x = gelu(&n.forward(&c.forward(&x)?)?)?;
+            x = n.forward_gelu(&conv2d(c, &x)?)?;
         }
-        self.out_conv.forward(&x)
+        conv2d(&self.out_conv, &x)
     }
 }
 
@@ -314,7 +314,7 @@ impl Fuser {
 impl Module for Fuser {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = match &self.proj {
-            Some(p) => p.forward(x)?,
+            Some(p) => conv2d(p, x)?,
             None => x.clone(),
         };
         for l in &self.layers {
@@ -386,10 +386,10 @@ impl MemoryEncoder {
                 pix_feat.dims()
             );
         }
-        let x = (self.pix_feat_proj.forward(pix_feat)? + masks)?;
+        let x = (conv2d(&self.pix_feat_proj, pix_feat)? + masks)?;
         let x = self.fuser.forward(&x)?;
         let x = match &self.out_proj {
-            Some(p) => p.forward(&x)?,
+            Some(p) => conv2d(p, &x)?,
             None => x,
         };
         let pos = self.position_encoding.forward(&x)?;

@@ -2,7 +2,7 @@
 //! on the levels listed in `fpn_top_down_levels` (the official configs: only the two
 //! lowest resolutions; the high-resolution levels keep their lateral features alone).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::{FpnInterp as Interp, FpnNeckConfig, FuseType};
@@ -70,7 +70,7 @@ impl FpnNeck {
         let mut pos: Vec<Option<Tensor>> = vec![None; n + 1];
         let mut prev: Option<Tensor> = None;
         for i in (0..=n).rev() {
-            let lateral = self.convs[n - i].forward(&xs[i])?;
+            let lateral = crate::ops::conv2d(&self.convs[n - i], &xs[i])?;
             let feat = match (&prev, self.top_down_levels.contains(&i)) {
                 (Some(p), true) => {
                     let (_, _, h, w) = p.dims4()?;

@@ -106,13 +106,43 @@ impl LayerNorm2d {
     }
 }
 
+impl LayerNorm2d {
+    /// `gelu(norm(x))`, SAM2's pairing in the mask downsampler, the mask-prompt encoder and
+    /// the decoder's upscaling; one pass over the data in inference.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        if untracked_cpu_f32(&[x, &self.weight, &self.bias]) && x.rank() == 4 {
+            return sgp_kernels::conv::channel_layer_norm(x, &self.weight, &self.bias, self.eps, true)
+                .map_err(kernel_err("layer norm 2d"));
+        }
+        gelu(&self.forward(x)?)
+    }
+}
+
 impl Module for LayerNorm2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if untracked_cpu_f32(&[x, &self.weight, &self.bias]) && x.rank() == 4 {
+            return sgp_kernels::conv::channel_layer_norm(x, &self.weight, &self.bias, self.eps, false)
+                .map_err(kernel_err("layer norm 2d"));
+        }
         // NCHW -> NHWC, normalise the last dim, back. Same function as the official
         // mean/var formulation (biased variance, eps inside the sqrt).
         let y = x.permute((0, 2, 3, 1))?;
         let y = layer_norm_last_dim(&y, &self.weight, &self.bias, self.eps)?;
         y.permute((0, 3, 1, 2))?.contiguous()
+    }
+}
+
+/// `nn.Conv2d` forward. Inference on f32 CPU tensors (groups 1, dilation 1, with a bias)
+/// takes `sgp-kernels`' im2col + gemm, which writes NCHW directly (candle's CPU conv
+/// computes NHWC and copies it back); anything else, training included, keeps candle's
+/// differentiable conv.
+pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+    let cfg = conv.config();
+    match conv.bias() {
+        Some(b) if cfg.groups == 1 && cfg.dilation == 1 && untracked_cpu_f32(&[x, conv.weight(), b]) => {
+            sgp_kernels::conv::conv2d(x, conv.weight(), b, cfg.stride, cfg.padding).map_err(kernel_err("conv2d"))
+        }
+        _ => conv.forward(x),
     }
 }
 
@@ -142,18 +172,13 @@ const FUSED_MIN_KEYS: usize = 1024;
 /// `softmax(q kᵀ/√d) v` over `[B, H, L, d]` tensors.
 ///
 /// Long inference attentions go through the tiled online-softmax kernel of `sgp-kernels`
-/// with an all-ones key map, whose bias `ln 1 = 0` leaves plain attention: no L×L score
-/// matrix is materialised; shorter ones through its strided dense kernel, without copies.
+/// (no L×L score matrix is materialised); shorter ones through its strided dense kernel, without copies.
 /// Tracked inputs on other devices and dtypes use the differentiable composition.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let lk = k.dim(2)?;
     let fast = untracked_cpu_f32(&[q, k, v]);
     if fast && lk >= FUSED_MIN_KEYS {
-        let b = q.dim(0)?;
-        let keep_all = Tensor::ones((b, lk), DType::F32, q.device())?;
-        let opts = sgp_kernels::masked_attention::MaskedAttentionOptions::default();
-        return sgp_kernels::masked_attention::masked_attention(q, k, v, &keep_all, &opts)
-            .map_err(kernel_err("fused attention"));
+        return sgp_kernels::masked_attention::attention_inference(q, k, v).map_err(kernel_err("fused attention"));
     }
     if fast || cpu_f32(&[q, k, v]) {
         // Short key sets, and training on the CPU (fused backward, scores recomputed per

@@ -7,10 +7,10 @@
 //!
 //! Weights load from `sam_prompt_encoder.*` (pass `vb.pp("sam_prompt_encoder")`).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
-use crate::ops::{gelu, LayerNorm2d};
+use crate::ops::{conv2d, LayerNorm2d};
 
 /// Point label meaning "not a point" (padding).
 pub const LABEL_PADDING: f32 = -1.0;
@@ -206,11 +206,9 @@ impl PromptEncoder {
                 masks.dims()
             );
         }
-        let x = self.mask_conv1.forward(masks)?;
-        let x = gelu(&self.mask_ln1.forward(&x)?)?;
-        let x = self.mask_conv2.forward(&x)?;
-        let x = gelu(&self.mask_ln2.forward(&x)?)?;
-        self.mask_conv3.forward(&x)
+        let x = self.mask_ln1.forward_gelu(&conv2d(&self.mask_conv1, masks)?)?;
+        let x = self.mask_ln2.forward_gelu(&conv2d(&self.mask_conv2, &x)?)?;
+        conv2d(&self.mask_conv3, &x)
     }
 
     /// Returns (sparse `[B, N, C]`, dense `[B, C, h, w]`) like `PromptEncoder.forward`.

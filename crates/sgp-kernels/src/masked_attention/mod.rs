@@ -43,7 +43,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
 
 use crate::{Error, Result};
 
@@ -267,6 +267,116 @@ pub fn masked_attention(
     Ok(out.to_dtype(out_dtype)?)
 }
 
+/// Plain attention `softmax(q kᵀ/√D) v` for inference: the tiled online-softmax kernel
+/// without a key map, and with values of their own width. `q` `[B,H,Lq,D]`, `k`
+/// `[B,H,Lk,D]`, `v` `[B,H,Lk,Dv]`; returns `[B,H,Lq,Dv]`.
+///
+/// Narrower values are what make it worth having: when `v` is an affine projection of
+/// narrow inputs (SAM2's memory attention projects 64-channel memories to 256), attending
+/// over the inputs and projecting the output gives the same result, because every
+/// softmax row sums to one, in a quarter of the `P·V` work.
+///
+/// Untracked f32 CPU tensors only (it records no backward); training keeps
+/// [`masked_attention`] or candle's ops.
+pub fn attention_inference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    for (t, what) in [(q, "q"), (k, "k"), (v, "v")] {
+        if !t.device().is_cpu() || t.dtype() != DType::F32 {
+            return Err(Error::Unsupported(format!(
+                "attention_inference: {what} must be f32 on the CPU"
+            )));
+        }
+        if t.track_op() {
+            return Err(Error::Unsupported(format!(
+                "attention_inference: {what} is tracked by autograd (forward only)"
+            )));
+        }
+    }
+    let (b, h, lq, d) = q
+        .dims4()
+        .map_err(|_| shape_err(format!("q must be [B,H,Lq,D], got {:?}", q.dims())))?;
+    let (kb, kh, lk, kd) = k
+        .dims4()
+        .map_err(|_| shape_err(format!("k must be [B,H,Lk,D], got {:?}", k.dims())))?;
+    let (vb, vh, vlk, dv) = v
+        .dims4()
+        .map_err(|_| shape_err(format!("v must be [B,H,Lk,Dv], got {:?}", v.dims())))?;
+    if (kb, kh, kd) != (b, h, d) || (vb, vh, vlk) != (b, h, lk) {
+        return Err(shape_err(format!(
+            "q {:?}, k {:?} and v {:?} do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if lk == 0 {
+        return Err(shape_err("attention over zero keys".into()));
+    }
+    let kv = Tensor::cat(&[k, v], 3)?.contiguous()?;
+    let op = PlainAttention {
+        b,
+        h,
+        lq,
+        lk,
+        d,
+        dv,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    Ok(q.contiguous()?.apply_op2_no_bwd(&kv, &op)?)
+}
+
+/// The forward-only op of [`attention_inference`] over `(q, cat(k, v))`.
+struct PlainAttention {
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    dv: usize,
+    scale: f32,
+}
+
+impl CustomOp2 for PlainAttention {
+    fn name(&self) -> &'static str {
+        "sgp-plain-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Self {
+            b,
+            h,
+            lq,
+            lk,
+            d,
+            dv,
+            scale,
+        } = *self;
+        check_shape(l1, &Shape::from((b, h, lq, d)), "q")?;
+        check_shape(l2, &Shape::from((b, h, lk, d + dv)), "kv")?;
+        // A zero bias per key: plain attention through the masked kernel's tiles.
+        let bias = vec![0f32; b * lk];
+        let pr = cpu::Problem {
+            b,
+            h,
+            lq,
+            lk,
+            d,
+            dv,
+            scale,
+            q: cpu_f32(s1, l1, "q")?,
+            kv: cpu_f32(s2, l2, "kv")?,
+            bias: &bias,
+            bias_per_query: false,
+        };
+        Ok((CpuStorage::F32(cpu::forward(&pr, false)), Shape::from((b, h, lq, dv))))
+    }
+}
+
 /// The exact reference: matmul, add bias, softmax, matmul, all candle ops (differentiable
 /// through `candle_nn::ops::softmax`). Memory O(Lq·Lk). Same semantics and options as
 /// [`masked_attention`]; computes in the inputs' dtype if it is f32/f64, else in f32.
@@ -401,6 +511,7 @@ impl CustomOp3 for FusedMaskedAttention {
             lq,
             lk,
             d,
+            dv: d,
             scale: self.scale,
             q,
             kv,
@@ -474,6 +585,7 @@ impl CustomOp3 for FusedMaskedAttention {
                     lq,
                     lk,
                     d,
+                    dv: d,
                     scale: self.scale,
                     q: cpu_f32(qs, ql, "q")?,
                     kv: cpu_f32(kvs, kvl, "kv")?,
