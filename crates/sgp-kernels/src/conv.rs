@@ -17,13 +17,6 @@ use rayon::prelude::*;
 
 use crate::{Error, Result, SendPtr};
 
-fn threads() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
 /// `dst (m×n, row stride n) += a (m×k, row stride k) · b (k×n, row stride n)`.
 ///
 /// # Safety
@@ -51,7 +44,7 @@ unsafe fn gemm_acc(m: usize, n: usize, k: usize, dst: *mut f32, a: *const f32, b
         false,
         false,
         false,
-        threads(),
+        crate::gemm_parallelism(),
     );
 }
 
@@ -184,24 +177,11 @@ fn candle_err(e: Error) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-/// The f32 CPU check every op here makes; tracked inputs are refused (no backward).
-fn check_inputs(what: &str, ts: &[&Tensor]) -> Result<()> {
-    for t in ts {
-        if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
-            return Err(Error::Unsupported(format!("{what}: CPU f32 tensors only")));
-        }
-        if t.track_op() {
-            return Err(Error::Unsupported(format!("{what}: forward only (a tracked input)")));
-        }
-    }
-    Ok(())
-}
-
 /// `nn.Conv2d(C_in, C_out, (kh, kw), stride, padding)` (groups 1, dilation 1) on `x`
 /// `[B, C_in, H, W]` with `weight` `[C_out, C_in, kh, kw]` and `bias` `[C_out]`.
 /// Untracked f32 CPU tensors; returns `[B, C_out, H_o, W_o]`.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    check_inputs("conv2d", &[x, weight, bias])?;
+    crate::require_untracked_cpu_f32("conv2d", &[(x, "x"), (weight, "weight"), (bias, "bias")])?;
     ConvGeometry::new(x.dims(), weight.dims(), stride, padding)?;
     Ok(x.contiguous()?.apply_op3_no_bwd(
         &weight.contiguous()?,
@@ -274,7 +254,7 @@ impl CustomOp3 for ConvTranspose2x2 {
                     false,
                     false,
                     false,
-                    threads(),
+                    crate::gemm_parallelism(),
                 )
             };
             let out_b = &mut out[bi * c_out * 4 * p..(bi + 1) * c_out * 4 * p];
@@ -302,7 +282,7 @@ impl CustomOp3 for ConvTranspose2x2 {
 /// of every pixel, then one pass that interleaves them into `[B, C_out, 2H, 2W]` with the
 /// bias. Untracked f32 CPU tensors.
 pub fn conv_transpose_2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    check_inputs("conv_transpose 2x2", &[x, weight, bias])?;
+    crate::require_untracked_cpu_f32("conv_transpose 2x2", &[(x, "x"), (weight, "weight"), (bias, "bias")])?;
     Ok(x.contiguous()?
         .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &ConvTranspose2x2)?)
 }
@@ -387,7 +367,7 @@ impl CustomOp1 for ChannelNorm<'_> {
 /// inside the square root, then `weight · x + bias` per channel) on `x` `[B, C, H, W]`,
 /// followed by the exact GELU when `gelu`. Untracked f32 CPU tensors.
 pub fn channel_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, gelu: bool) -> Result<Tensor> {
-    check_inputs("channel layer norm", &[x, weight, bias])?;
+    crate::require_untracked_cpu_f32("channel layer norm", &[(x, "x"), (weight, "weight"), (bias, "bias")])?;
     let weight: Vec<f32> = weight.flatten_all()?.to_vec1()?;
     let bias: Vec<f32> = bias.flatten_all()?.to_vec1()?;
     let op = ChannelNorm {

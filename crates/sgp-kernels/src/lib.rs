@@ -90,3 +90,27 @@ pub(crate) fn contiguous_f32<'a>(
         None => candle_core::bail!("{what}: non-contiguous operand"),
     }
 }
+
+/// The threads gemm may use for one large product: candle's thread count (rayon's).
+pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// The check of the forward-only inference ops: every tensor f32 on the CPU and not
+/// tracked by autograd (they record no backward).
+pub(crate) fn require_untracked_cpu_f32(what: &str, ts: &[(&candle_core::Tensor, &str)]) -> Result<()> {
+    for (t, name) in ts {
+        if !t.device().is_cpu() || t.dtype() != candle_core::DType::F32 {
+            return Err(Error::Unsupported(format!("{what}: {name} must be f32 on the CPU")));
+        }
+        if t.track_op() {
+            return Err(Error::Unsupported(format!(
+                "{what}: {name} is tracked by autograd (forward only)"
+            )));
+        }
+    }
+    Ok(())
+}

@@ -130,11 +130,7 @@ fn linear_slices(xd: &[f32], wd: &[f32], bias: Option<&[f32]>, m: usize, k: usiz
             .for_each(|row| row.copy_from_slice(bd));
     }
     let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = crate::gemm_parallelism();
     let read_dst = bias.is_some();
     if threads > 1 && m < SHORT_ROWS && n >= threads * MIN_SPLIT_COLS {
         // Few rows, wide output (Hiera's last stages): gemm's own split over rows leaves

@@ -279,18 +279,7 @@ pub fn masked_attention(
 /// Untracked f32 CPU tensors only (it records no backward); training keeps
 /// [`masked_attention`] or candle's ops.
 pub fn attention_inference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    for (t, what) in [(q, "q"), (k, "k"), (v, "v")] {
-        if !t.device().is_cpu() || t.dtype() != DType::F32 {
-            return Err(Error::Unsupported(format!(
-                "attention_inference: {what} must be f32 on the CPU"
-            )));
-        }
-        if t.track_op() {
-            return Err(Error::Unsupported(format!(
-                "attention_inference: {what} is tracked by autograd (forward only)"
-            )));
-        }
-    }
+    crate::require_untracked_cpu_f32("attention_inference", &[(q, "q"), (k, "k"), (v, "v")])?;
     let (b, h, lq, d) = q
         .dims4()
         .map_err(|_| shape_err(format!("q must be [B,H,Lq,D], got {:?}", q.dims())))?;
