@@ -7,6 +7,7 @@
 //! - [`attention`]: plain attention on strided `[B, L, H, D]` views, for inference.
 //! - [`conv`]: NCHW convolutions (im2col + one gemm, 2×2 transposed) and the channel
 //!   LayerNorm, for inference.
+//! - [`layout`]: tiled contiguous copies of transposed and permuted views.
 //! - [`linear`]: `x Wᵀ + b` in one gemm call with the bias fused, for inference.
 //! - [`pool`]: channels-last max pooling on strided views, for inference.
 //! - [`rope`]: rotary encoding of interleaved pairs over repeated grids, with its backward.
@@ -45,6 +46,7 @@ pub mod attention;
 pub mod conv;
 pub mod depthwise;
 mod error;
+pub mod layout;
 pub mod linear;
 pub mod masked_attention;
 pub mod math;

@@ -17,12 +17,12 @@ use crate::{Error, Result};
 const ROWS_PER_TASK: usize = 64;
 
 /// Mean and 1/√(var + eps) of one row (biased variance, two passes, f32 like PyTorch's
-/// CPU kernel).
+/// CPU kernel, in vector lanes).
 #[inline]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = crate::math::lane_sum(x, |v| v) / n;
+    let var = crate::math::lane_sum(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 

@@ -378,15 +378,15 @@ impl Hiera {
     /// `x`: `[B, 3, S, S]` normalised image.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let _span = tracing::debug_span!("hiera").entered();
-        let x = crate::ops::conv2d(&self.patch_embed, x)?.permute((0, 2, 3, 1))?;
+        let x = crate::ops::contiguous(&crate::ops::conv2d(&self.patch_embed, x)?.permute((0, 2, 3, 1))?)?;
         let (_, h, w, _) = x.dims4()?;
-        let mut x = x.broadcast_add(&self.pos_embed_for(h, w)?)?.contiguous()?;
+        let mut x = x.broadcast_add(&self.pos_embed_for(h, w)?)?;
         let last = *self.stage_ends.last().unwrap_or(&0);
         let mut outputs = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
             x = blk.forward(&x)?;
             if i == last || (self.return_interm_layers && self.stage_ends.contains(&i)) {
-                outputs.push(x.permute((0, 3, 1, 2))?.contiguous()?);
+                outputs.push(crate::ops::contiguous(&x.permute((0, 3, 1, 2))?)?);
             }
         }
         Ok(outputs)

@@ -376,7 +376,7 @@ impl MaskDecoder {
         let iou_token_out = hs.narrow(1, s, 1)?.squeeze(1)?;
         let mask_tokens_out = hs.narrow(1, s + 1, nm)?;
 
-        let src = src.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let src = crate::ops::contiguous(&src.transpose(1, 2)?)?.reshape((b, c, h, w))?;
         let upscaled = match high_res_features {
             None => {
                 let x = self.upscale_conv1.forward(&src)?;

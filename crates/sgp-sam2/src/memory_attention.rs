@@ -382,14 +382,15 @@ impl MemoryAttention {
         } else {
             curr.clone()
         };
-        out = out.transpose(0, 1)?.contiguous()?;
-        let curr_pos = curr_pos.transpose(0, 1)?.contiguous()?;
-        let memory = memory.transpose(0, 1)?.contiguous()?;
-        let memory_pos = memory_pos.transpose(0, 1)?.contiguous()?;
+        let batch_first = |x: &Tensor| crate::ops::contiguous(&x.transpose(0, 1)?);
+        out = batch_first(&out)?;
+        let curr_pos = batch_first(curr_pos)?;
+        let memory = batch_first(memory)?;
+        let memory_pos = batch_first(memory_pos)?;
         for layer in &self.layers {
             out = layer.forward(&out, &memory, &memory_pos, &curr_pos, num_obj_ptr_tokens)?;
         }
-        self.norm.forward(&out)?.transpose(0, 1)?.contiguous()
+        crate::ops::contiguous(&self.norm.forward(&out)?.transpose(0, 1)?)
     }
 
     /// Every adaptable linear layer, by checkpoint path relative to `memory_attention`.

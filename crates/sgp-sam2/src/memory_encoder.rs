@@ -277,13 +277,13 @@ impl CXBlock {
 impl Module for CXBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.norm.forward(&self.depthwise(x)?)?;
-        let y = y.permute((0, 2, 3, 1))?.contiguous()?;
+        let y = crate::ops::contiguous(&y.permute((0, 2, 3, 1))?)?;
         let y = self.pwconv2.forward(&gelu(&self.pwconv1.forward(&y)?)?)?;
         let y = match &self.gamma {
             Some(g) => y.broadcast_mul(g)?,
             None => y,
         };
-        x + y.permute((0, 3, 1, 2))?
+        x + crate::ops::contiguous(&y.permute((0, 3, 1, 2))?)?
     }
 }
 

@@ -277,7 +277,7 @@ impl Sam2Model {
         let b = images.dim(0)?;
         let to_map = |x: &Tensor, (h, w): (usize, usize)| -> candle_core::Result<Tensor> {
             let c = x.dim(2)?;
-            x.permute((1, 2, 0))?.reshape((b, c, h, w))
+            crate::ops::contiguous(&x.permute((1, 2, 0))?)?.reshape((b, c, h, w))
         };
         let last = prep.vision_feats.len() - 1;
         let mut top = prep.vision_feats[last].clone();

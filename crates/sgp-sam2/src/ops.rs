@@ -32,6 +32,13 @@ pub(crate) fn kernel_err(what: &'static str) -> impl Fn(sgp_kernels::Error) -> c
     move |e| candle_core::Error::Msg(format!("{what}: {e}"))
 }
 
+/// `x.contiguous()`; transposed and permuted f32 CPU views (NCHW maps to token
+/// sequences and back) take the tiled copy of [`sgp_kernels::layout::contiguous`], which
+/// keeps candle's op, and so the gradient, for tracked tensors.
+pub fn contiguous(x: &Tensor) -> Result<Tensor> {
+    sgp_kernels::layout::contiguous(x).map_err(kernel_err("contiguous"))
+}
+
 /// Softmax over the last dimension; differentiable when `x` is tracked.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.track_op() {

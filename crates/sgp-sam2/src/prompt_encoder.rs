@@ -57,7 +57,7 @@ impl PositionEmbeddingRandom {
             }
         }
         let grid = Tensor::from_vec(grid, (h, w, 2), dev)?.to_dtype(self.gaussian_matrix.dtype())?;
-        self.pe_encoding(&grid)?.permute((2, 0, 1))?.contiguous()
+        crate::ops::contiguous(&self.pe_encoding(&grid)?.permute((2, 0, 1))?)
     }
 
     /// Encodes pixel coordinates `[B, N, 2]` (x, y) of an image of `image_size` = (h, w).

@@ -588,7 +588,7 @@ fn scalar(t: &Tensor) -> Result<f32> {
 
 fn seq_to_map(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
     let (_, b, c) = x.dims3()?;
-    Ok(x.permute((1, 2, 0))?.reshape((b, c, h, w))?)
+    Ok(crate::ops::contiguous(&x.permute((1, 2, 0))?)?.reshape((b, c, h, w))?)
 }
 
 /// `[C]` mean of the lowest-level image tokens (batch 1).

@@ -194,7 +194,7 @@ pub fn select_closest_cond_frames(frame_idx: usize, cond: &[usize], max: i64) ->
 /// `[HW, B, C]` → `[B, C, H, W]`.
 fn seq_to_map(x: &Tensor, (h, w): (usize, usize)) -> candle_core::Result<Tensor> {
     let (_, b, c) = x.dims3()?;
-    x.permute((1, 2, 0))?.reshape((b, c, h, w))
+    crate::ops::contiguous(&x.permute((1, 2, 0))?)?.reshape((b, c, h, w))
 }
 
 /// `[B, C, H, W]` → `[HW, B, C]`.

@@ -317,8 +317,9 @@ impl TwoWayTransformer {
         image_pe: &Tensor,
         point_embedding: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let image_embedding = image_embedding.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
-        let image_pe = image_pe.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        let tokens = |x: &Tensor| crate::ops::contiguous(&x.flatten_from(2)?.transpose(1, 2)?);
+        let image_embedding = tokens(image_embedding)?;
+        let image_pe = tokens(image_pe)?;
         let mut queries = point_embedding.clone();
         let mut keys = image_embedding;
         for layer in &self.layers {
