@@ -50,13 +50,17 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = crate::contiguous_f32("fast gelu", s, l)?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = gelu_f32(x);
-            }
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        let mut y = crate::OverwriteBuf::new(x.len());
+        y.slice()
+            .par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    y.write(gelu_f32(x));
+                }
+            });
+        // SAFETY: every element was written above.
+        Ok((CpuStorage::F32(unsafe { y.assume_init() }), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -576,8 +576,9 @@ fn attention_views(q: &View, k: &View, v: &View) -> Vec<f32> {
     let q_blocks = lq.div_ceil((FWD_SCORE_BLOCK_ELEMS / lk).clamp(32, 256));
     let nq_block = lq.div_ceil(q_blocks);
     let scale = 1.0 / (d as f32).sqrt();
-    let mut out: Vec<f32> = vec![0f32; b * lq * h * d];
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    // Every (batch, query, head) row is written by one task's second gemm (lk > 0).
+    let mut buf = crate::OverwriteBuf::new(b * lq * h * d);
+    let out_ptr = buf.ptr();
     let tasks = b * h * q_blocks;
     (0..tasks).into_par_iter().with_min_len(4).for_each_init(
         || vec![0f32; nq_block * lk],
@@ -644,7 +645,8 @@ fn attention_views(q: &View, k: &View, v: &View) -> Vec<f32> {
             }
         },
     );
-    out
+    // SAFETY: see above.
+    unsafe { buf.assume_init() }
 }
 
 /// `row ← softmax(row)`, vectorisable (16 lanes of max and sum).

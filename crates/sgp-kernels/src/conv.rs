@@ -149,16 +149,19 @@ impl CustomOp3 for Conv2d {
             candle_core::bail!("conv2d: bias of {} for {} output channels", bias.len(), g.c_out);
         }
         let (p, k) = (g.ho * g.wo, g.c_in * g.kh * g.kw);
-        let mut out = vec![0f32; g.b * g.c_out * p];
-        if out.is_empty() {
-            return Ok((CpuStorage::F32(out), Shape::from((g.b, g.c_out, g.ho, g.wo))));
+        if g.b * g.c_out * p == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from((g.b, g.c_out, g.ho, g.wo))));
         }
+        // Each image's planes start as the bias and gemm accumulates onto them: every
+        // element is written.
+        let mut out = crate::OverwriteBuf::new(g.b * g.c_out * p);
         let mut cols = if g.pointwise() { Vec::new() } else { vec![0f32; k * p] };
-        for (bi, out_b) in out.chunks_mut(g.c_out * p).enumerate() {
-            out_b
-                .par_chunks_mut(p)
-                .zip(bias.par_iter())
-                .for_each(|(plane, &bv)| plane.fill(bv));
+        for (bi, out_b) in out.slice().chunks_mut(g.c_out * p).enumerate() {
+            out_b.par_chunks_mut(p).zip(bias.par_iter()).for_each(|(plane, &bv)| {
+                for v in plane {
+                    v.write(bv);
+                }
+            });
             let img = &x[bi * g.c_in * g.h * g.w..(bi + 1) * g.c_in * g.h * g.w];
             let rhs = if g.pointwise() {
                 img
@@ -166,10 +169,15 @@ impl CustomOp3 for Conv2d {
                 g.im2col(img, &mut cols);
                 &cols[..]
             };
-            // SAFETY: out_b is c_out×p, wt is c_out×k, rhs is k×p, all row-major.
-            unsafe { gemm_acc(g.c_out, p, k, out_b.as_mut_ptr(), wt.as_ptr(), rhs.as_ptr()) };
+            // SAFETY: out_b is c_out×p (initialised just above), wt is c_out×k, rhs is k×p,
+            // all row-major.
+            unsafe { gemm_acc(g.c_out, p, k, out_b.as_mut_ptr().cast(), wt.as_ptr(), rhs.as_ptr()) };
         }
-        Ok((CpuStorage::F32(out), Shape::from((g.b, g.c_out, g.ho, g.wo))))
+        // SAFETY: see above.
+        Ok((
+            CpuStorage::F32(unsafe { out.assume_init() }),
+            Shape::from((g.b, g.c_out, g.ho, g.wo)),
+        ))
     }
 }
 

@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::{Error, Result, SendPtr};
+use crate::{Error, Result};
 
 /// Below this many rows, and with at least this many output columns per thread, the
 /// threads split the output columns (measured with `cargo xtask bench matmul`).
@@ -79,7 +79,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
             return Err(Error::Shape(format!("linear: bias {:?} for {n} outputs", b.dims())));
         }
     }
-    let m = x.elem_count() / k.max(1);
+    let m: usize = dims[..dims.len() - 1].iter().product();
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("x has a last dim") = n;
     let tracked = [Some(x), Some(weight), bias]
@@ -120,23 +120,31 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 
 /// `x (m×k) · w (n×k)ᵀ [+ b (n)]` into a new m×n buffer.
 fn linear_slices(xd: &[f32], wd: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || k == 0 {
+        // No product to write the output: it is the bias rows (or zeros).
+        let mut out = vec![0f32; m * n];
+        if let Some(bd) = bias {
+            out.chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(bd));
+        }
         return out;
     }
+    let mut buf = crate::OverwriteBuf::new(m * n);
+    let out_ptr = buf.ptr();
     if let Some(bd) = bias {
-        out.par_chunks_mut(n)
-            .with_min_len(64)
-            .for_each(|row| row.copy_from_slice(bd));
+        (0..m).into_par_iter().with_min_len(64).for_each(|i| {
+            // SAFETY: row i of the m×n buffer, written by this task alone.
+            unsafe { std::ptr::copy_nonoverlapping(bd.as_ptr(), out_ptr.get().add(i * n), n) }
+        });
     }
     let threads = candle_core::utils::get_num_threads();
     let parallelism = crate::gemm_parallelism();
+    // With a bias gemm accumulates onto the rows written above; without one it writes
+    // every element (k > 0), so the buffer is fully initialised either way.
     let read_dst = bias.is_some();
     if threads > 1 && m < SHORT_ROWS && n >= threads * MIN_SPLIT_COLS {
         // Few rows, wide output (Hiera's last stages): gemm's own split over rows leaves
         // cores idle; give each thread a band of output columns instead.
         let band = n.div_ceil(threads);
-        let out_ptr = SendPtr(out.as_mut_ptr());
         (0..n.div_ceil(band)).into_par_iter().for_each(|t| {
             let j0 = t * band;
             let nb = band.min(n - j0);
@@ -158,9 +166,10 @@ fn linear_slices(xd: &[f32], wd: &[f32], bias: Option<&[f32]>, m: usize, k: usiz
     } else {
         // SAFETY: out is m×n (row stride n), x is m×k (row stride k), Wᵀ element (kk, j)
         // is w[j·k + kk] (column stride k, row stride 1); all inside their slices.
-        unsafe { gemm_rows(m, n, k, out.as_mut_ptr(), n, read_dst, xd, wd, parallelism) };
+        unsafe { gemm_rows(m, n, k, out_ptr.get(), n, read_dst, xd, wd, parallelism) };
     }
-    out
+    // SAFETY: see `read_dst` above.
+    unsafe { buf.assume_init() }
 }
 
 /// The tracked linear: forward as [`linear`], backward only for tracked operands.
@@ -306,8 +315,21 @@ mod tests {
         let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
         assert!(crate::testing::max_abs_diff(&linear(&x, &w, Some(&b))?, &want)? < 1e-4);
         assert!(linear(&x, &w, Some(&w)).is_err());
+        // Many rows (gemm's own threads) without a bias: every output element is written.
+        let x = Tensor::randn(0f32, 1.0, (700, 33), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (45, 33), &dev)?;
+        assert!(crate::testing::max_abs_diff(&linear(&x, &w, None)?, &x.matmul(&w.t()?)?)? < 1e-4);
+        // No input features: the output is the bias rows, or zeros.
+        let x = Tensor::zeros((3, 0), DType::F32, &dev)?;
+        let w = Tensor::zeros((4, 0), DType::F32, &dev)?;
+        let b = Tensor::new(&[1f32, 2., 3., 4.], &dev)?;
+        let y: Vec<Vec<f32>> = linear(&x, &w, Some(&b))?.to_vec2()?;
+        assert_eq!(y, vec![vec![1., 2., 3., 4.]; 3]);
+        let y: Vec<Vec<f32>> = linear(&x, &w, None)?.to_vec2()?;
+        assert_eq!(y, vec![vec![0f32; 4]; 3]);
         Ok(())
     }
+
     #[test]
     fn backward_matches_candle_and_skips_untracked_operands() -> Result<()> {
         use candle_core::Var;

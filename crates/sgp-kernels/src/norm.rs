@@ -53,18 +53,20 @@ impl CustomOp3 for LayerNormOp {
         if n == 0 || b.len() != n || !x.len().is_multiple_of(n) {
             candle_core::bail!("layer norm: input {:?} for {n} features", xl.shape());
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n * ROWS_PER_TASK)
+        let mut y = crate::OverwriteBuf::new(x.len());
+        y.slice()
+            .par_chunks_mut(n * ROWS_PER_TASK)
             .zip(x.par_chunks(n * ROWS_PER_TASK))
             .for_each(|(y, x)| {
                 for (y, x) in y.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
                     let (mean, rstd) = row_stats(x, self.eps);
                     for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                        *y = (x - mean) * rstd * w + b;
+                        y.write((x - mean) * rstd * w + b);
                     }
                 }
             });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        // SAFETY: x.len() is a multiple of n (checked above), so every row was written.
+        Ok((CpuStorage::F32(unsafe { y.assume_init() }), xl.shape().clone()))
     }
 
     fn bwd(

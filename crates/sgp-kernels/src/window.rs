@@ -32,6 +32,9 @@ impl Windows {
         let (hp, wp) = self.padded();
         let (nh, nw) = (hp / ws, wp / ws);
         let (h, w) = (self.h, self.w);
+        if b * c == 0 || if self.inverse { h * w == 0 } else { hp * wp == 0 } {
+            return Vec::new(); // an empty map (the row chunks below must not be empty)
+        }
         if !self.inverse {
             let mut out = vec![0f32; b * hp * wp * c];
             // One task per window row band of one image: nw windows × ws rows.
@@ -59,18 +62,22 @@ impl Windows {
                 });
             out
         } else {
-            let mut out = vec![0f32; b * h * w * c];
-            out.par_chunks_mut(w * c).enumerate().for_each(|(row, dst)| {
+            // Every (row, column) pixel of the map is copied from its window.
+            let mut out = crate::OverwriteBuf::new(b * h * w * c);
+            out.slice().par_chunks_mut(w * c).enumerate().for_each(|(row, dst)| {
                 let (bi, yy) = (row / h, row % h);
                 let (i, y) = (yy / ws, yy % ws);
                 for xx in 0..w {
                     let (j, x) = (xx / ws, xx % ws);
                     let win = (bi * nh + i) * nw + j;
                     let s = ((win * ws + y) * ws + x) * c;
-                    dst[xx * c..(xx + 1) * c].copy_from_slice(&src[s..s + c]);
+                    for (d, &v) in dst[xx * c..(xx + 1) * c].iter_mut().zip(&src[s..s + c]) {
+                        d.write(v);
+                    }
                 }
             });
-            out
+            // SAFETY: see above.
+            unsafe { out.assume_init() }
         }
     }
 }
@@ -178,6 +185,15 @@ mod tests {
             .permute(vec![0, 1, 3, 2, 4, 5])?
             .contiguous()?
             .reshape((b * (hp / ws) * (wp / ws), ws, ws, c))
+    }
+
+    #[test]
+    fn empty_maps_give_empty_windows() -> Result<()> {
+        let x = Tensor::zeros((1, 4, 4, 0), DType::F32, &Device::Cpu)?;
+        let (win, _) = window_partition(&x, 2)?;
+        assert_eq!(win.dims(), [4, 2, 2, 0]);
+        assert_eq!(window_unpartition(&win, 2, (4, 4))?.dims(), [1, 4, 4, 0]);
+        Ok(())
     }
 
     #[test]
