@@ -7,7 +7,7 @@
 //! - encode: `forward_image` + `_prepare_backbone_features` + `no_mem_embed` on `[1,3,S,S]`;
 //! - decode: `_forward_sam_heads` with a box prompt, multimask output, masks upsampled to S.
 //!
-//! Without a Python that has `sam2`, we time ours alone on random weights.
+//! Without a Python that has `sam2`, we time ours alone on random (untracked) weights.
 //! `--profile` adds a per-part breakdown (Hiera stages, neck, decoder parts) on both sides.
 
 use std::collections::BTreeMap;
@@ -16,8 +16,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{Device, Module, Tensor};
 use sgp_sam2::ops::gelu;
 use sgp_sam2::PointInputs;
 use sgp_sam2::Sam2Config;
@@ -113,16 +112,6 @@ fn run_pytorch(args: &Args, size: usize, threads: usize, weights: &Path) -> anyh
         }
     }
     Ok(t)
-}
-
-/// Our model with every parameter drawn from N(0, 0.02²) (used without PyTorch).
-fn random_model(cfg: &Sam2Config) -> anyhow::Result<Sam2Model> {
-    let vm = VarMap::new();
-    let model = Sam2Model::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
-    for var in vm.all_vars() {
-        var.set(&Tensor::randn(0f32, 0.02, var.shape(), &Device::Cpu)?)?;
-    }
-    Ok(model)
 }
 
 fn box_prompt(size: usize, dev: &Device) -> anyhow::Result<PointInputs> {
@@ -339,7 +328,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             theirs.extend(res?);
             model.context("no weights from PyTorch")??
         } else {
-            random_model(&cfg)?
+            // Untracked random weights: a model built on Vars would take the
+            // differentiable paths and record a graph, and timing that says nothing.
+            crate::bench_propagate::load_model(&cfg, None)?
         };
         eprintln!("[{size}] ours ({threads} threads) ...");
         ours.extend(run_ours(&args, &model, size)?);

@@ -12,7 +12,7 @@
 //! - [`pool`]: channels-last max pooling on strided views, for inference.
 //! - [`rope`]: rotary encoding of interleaved pairs over repeated grids, with its backward.
 //! - [`activation`]: a one-pass GELU (erf form) with its backward.
-//! - [`math`]: a vectorisable f32 `exp` that the kernels and the GELU share.
+//! - [`math`]: a vectorisable f32 `exp` and lane-parallel sums that the kernels share.
 //! - [`runtime`]: process settings of the CPU runtime (candle's idle worker threads).
 //! - [`testing`]: the comparison helpers the workspace's tests share.
 //!
