@@ -616,9 +616,7 @@ fn attention_views(q: &View, k: &View, v: &View) -> Vec<f32> {
                     gemm::Parallelism::None,
                 );
             }
-            for row in s[..nq * lk].chunks_exact_mut(lk) {
-                softmax_in_place(row);
-            }
+            softmax_rows(&mut s[..nq * lk], lk);
             let o_ptr = out_ptr.get().wrapping_add(((bi * lq + q0) * h + hi) * d);
             unsafe {
                 gemm::gemm(
@@ -647,6 +645,33 @@ fn attention_views(q: &View, k: &View, v: &View) -> Vec<f32> {
     );
     // SAFETY: see above.
     unsafe { buf.assume_init() }
+}
+
+/// Softmax of each `lk`-long row of `s`. Rows shorter than a vector (SAM's image-to-token
+/// attention has 7 keys) take one exponential pass over the whole block, which
+/// vectorises; row by row their exponentials were scalar, 80% of that attention's time.
+fn softmax_rows(s: &mut [f32], lk: usize) {
+    if lk >= 16 {
+        for row in s.chunks_exact_mut(lk) {
+            softmax_in_place(row);
+        }
+        return;
+    }
+    for row in s.chunks_exact_mut(lk) {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        for x in row.iter_mut() {
+            *x -= m;
+        }
+    }
+    for x in s.iter_mut() {
+        *x = exp_f32(*x);
+    }
+    for row in s.chunks_exact_mut(lk) {
+        let inv = 1.0 / row.iter().sum::<f32>();
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
 }
 
 /// `row ← softmax(row)`, vectorisable (16 lanes of max and sum).

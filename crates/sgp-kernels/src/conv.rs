@@ -17,37 +17,6 @@ use rayon::prelude::*;
 
 use crate::{Error, Result, SendPtr};
 
-/// `dst (m×n, row stride n) += a (m×k, row stride k) · b (k×n, row stride n)`.
-///
-/// # Safety
-/// `dst` holds m·n values, `a` m·k, `b` k·n.
-unsafe fn gemm_acc(m: usize, n: usize, k: usize, dst: *mut f32, a: *const f32, b: *const f32) {
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        n as isize,
-        true,
-        a,
-        1,
-        k as isize,
-        b,
-        1,
-        n as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        crate::gemm_parallelism(),
-    );
-}
-
 /// Shapes of one convolution.
 #[derive(Clone, Copy, Debug)]
 struct ConvGeometry {
@@ -171,7 +140,17 @@ impl CustomOp3 for Conv2d {
             };
             // SAFETY: out_b is c_out×p (initialised just above), wt is c_out×k, rhs is k×p,
             // all row-major.
-            unsafe { gemm_acc(g.c_out, p, k, out_b.as_mut_ptr().cast(), wt.as_ptr(), rhs.as_ptr()) };
+            unsafe {
+                crate::gemm_row_major(
+                    g.c_out,
+                    p,
+                    k,
+                    out_b.as_mut_ptr().cast(),
+                    true,
+                    wt.as_ptr(),
+                    rhs.as_ptr(),
+                )
+            };
         }
         // SAFETY: see above.
         Ok((

@@ -124,6 +124,46 @@ pub(crate) fn contiguous_f32<'a>(
     }
 }
 
+/// `dst (m×n, row stride n) [+]= a (m×k, row stride k) · b (k×n, row stride n)`, on
+/// gemm's threads (`accumulate`: add to `dst` instead of overwriting it).
+///
+/// # Safety
+/// `dst` holds m·n values, `a` m·k, `b` k·n.
+pub(crate) unsafe fn gemm_row_major(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    accumulate: bool,
+    a: *const f32,
+    b: *const f32,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        accumulate,
+        a,
+        1,
+        k as isize,
+        b,
+        1,
+        n as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm_parallelism(),
+    );
+}
+
 /// The threads gemm may use for one large product: candle's thread count (rayon's).
 pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {

@@ -172,6 +172,73 @@ fn linear_slices(xd: &[f32], wd: &[f32], bias: Option<&[f32]>, m: usize, k: usiz
     unsafe { buf.assume_init() }
 }
 
+/// At most this many rows go to [`linear_transposed`] in callers that cache `Wᵀ`.
+pub const FEW_ROWS: usize = 16;
+
+/// `x Wᵀ + b` from the transposed weight `weight_t` `[k, n]` (contiguous), for untracked
+/// f32 CPU tensors. For a few rows (SAM's prompt tokens) this is what `gemm` wants: with
+/// `W` `[n, k]` it re-packs the whole weight on every call, which cost the decoder's
+/// 7-row 256→2048 MLP layer three times its arithmetic; `Wᵀ` it reads in place.
+pub fn linear_transposed(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut inputs = vec![(x, "x"), (weight_t, "weight_t")];
+    if let Some(b) = bias {
+        inputs.push((b, "bias"));
+    }
+    crate::require_untracked_cpu_f32("linear", &inputs)?;
+    let (k, n) = weight_t.dims2()?;
+    let dims = x.dims();
+    if dims.last() != Some(&k) || bias.is_some_and(|b| b.dims() != [n]) {
+        return Err(Error::Shape(format!(
+            "linear: input {dims:?}, transposed weight [{k}, {n}], bias {:?}",
+            bias.map(|b| b.dims().to_vec())
+        )));
+    }
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("x has a last dim") = n;
+    let (x, wt) = (x.contiguous()?, weight_t.contiguous()?);
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = wt.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
+        return Err(Error::Unsupported("linear: CPU tensors only".into()));
+    };
+    let (xd, wd) = (
+        crate::contiguous_f32("linear", xs, xl)?,
+        crate::contiguous_f32("linear", ws, wl)?,
+    );
+    let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
+    let bd = match &bias_guard {
+        Some((bs, bl)) => {
+            let Storage::Cpu(bs) = &**bs else {
+                return Err(Error::Unsupported("linear: CPU tensors only".into()));
+            };
+            Some(crate::contiguous_f32("linear", bs, bl)?)
+        }
+        None => None,
+    };
+    let out = if m == 0 || n == 0 || k == 0 {
+        // Nothing to multiply; same result as `linear`.
+        linear_slices(xd, &[], bd, m, k, n)
+    } else {
+        let mut buf = crate::OverwriteBuf::new(m * n);
+        let dst = buf.ptr().get();
+        if let Some(bd) = bd {
+            for i in 0..m {
+                // SAFETY: row i of the m×n buffer.
+                unsafe { std::ptr::copy_nonoverlapping(bd.as_ptr(), dst.add(i * n), n) };
+            }
+        }
+        // SAFETY: dst is m×n, x m×k, Wᵀ k×n, all row-major; without a bias gemm writes
+        // every element (k > 0).
+        unsafe {
+            crate::gemm_row_major(m, n, k, dst, bd.is_some(), xd.as_ptr(), wd.as_ptr());
+            buf.assume_init()
+        }
+    };
+    Tensor::from_vec(out, out_dims, x.device()).map_err(Error::from)
+}
+
 /// The tracked linear: forward as [`linear`], backward only for tracked operands.
 struct LinearOp;
 
@@ -327,6 +394,31 @@ mod tests {
         assert_eq!(y, vec![vec![1., 2., 3., 4.]; 3]);
         let y: Vec<Vec<f32>> = linear(&x, &w, None)?.to_vec2()?;
         assert_eq!(y, vec![vec![0f32; 4]; 3]);
+        Ok(())
+    }
+
+    #[test]
+    fn transposed_weight_gives_the_same_product() -> Result<()> {
+        let dev = Device::Cpu;
+        for rows in [1usize, 7, 40] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 96), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (160, 96), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, 160, &dev)?;
+            let wt = w.t()?.contiguous()?;
+            for bias in [Some(&b), None] {
+                let d = crate::testing::max_abs_diff(&linear_transposed(&x, &wt, bias)?, &linear(&x, &w, bias)?)?;
+                assert!(d < 1e-4, "{rows} rows: {d}");
+            }
+        }
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        assert!(linear_transposed(&x, &Tensor::zeros((9, 4), DType::F32, &dev)?, None).is_err());
+        let wt = Tensor::zeros((8, 4), DType::F32, &dev)?;
+        assert!(linear_transposed(&x, &wt, Some(&Tensor::zeros(5, DType::F32, &dev)?)).is_err());
+        let var = candle_core::Var::from_tensor(&wt)?;
+        assert!(
+            linear_transposed(&x, var.as_tensor(), None).is_err(),
+            "tracked weights are refused"
+        );
         Ok(())
     }
 

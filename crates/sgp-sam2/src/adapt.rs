@@ -22,6 +22,8 @@ pub struct AdaptableLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     adapter: Option<Arc<dyn LinearAdapter>>,
+    /// `Wᵀ`, made on the first few-row inference call (see `forward_base`).
+    weight_t: std::sync::OnceLock<Tensor>,
 }
 
 impl AdaptableLinear {
@@ -31,6 +33,7 @@ impl AdaptableLinear {
             weight,
             bias,
             adapter: None,
+            weight_t: std::sync::OnceLock::new(),
         }
     }
 
@@ -81,6 +84,7 @@ impl AdaptableLinear {
             );
         }
         self.weight = weight;
+        self.weight_t = std::sync::OnceLock::new();
         Ok(())
     }
 
@@ -94,6 +98,21 @@ impl AdaptableLinear {
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
         {
+            let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+            if rows <= sgp_kernels::linear::FEW_ROWS && crate::ops::untracked_cpu_f32(&params) {
+                // A few rows (prompt tokens): gemm reads Wᵀ in place, where it would
+                // re-pack W on every call. Frozen weights only (a Var's `set` would
+                // leave the copy stale; it is tracked, so it never gets here).
+                let wt = match self.weight_t.get() {
+                    Some(wt) => wt,
+                    None => {
+                        let wt = self.weight.t()?.contiguous()?;
+                        self.weight_t.get_or_init(|| wt)
+                    }
+                };
+                return sgp_kernels::linear::linear_transposed(x, wt, self.bias.as_ref())
+                    .map_err(crate::ops::kernel_err("linear"));
+            }
             // One gemm with the bias fused; in training, a backward that skips the
             // gradients of frozen weights (candle's matmul computes them regardless).
             return sgp_kernels::linear::linear(x, &self.weight, self.bias.as_ref())
@@ -130,4 +149,45 @@ impl Module for AdaptableLinear {
 pub trait AdaptableModel {
     /// Every adaptable linear layer with its full checkpoint path (without `.weight`).
     fn adaptable_linears_mut(&mut self) -> Vec<(String, &mut AdaptableLinear)>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn few_row_inputs_follow_a_replaced_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 32), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 48, &dev)?;
+        let mut layer = AdaptableLinear::new(w.clone(), Some(b.clone()));
+        // 3 rows take the transposed-weight path, 40 rows the plain one.
+        for rows in [3usize, 40] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 32), &dev)?;
+            let want = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+            assert!(
+                sgp_kernels::testing::max_abs_diff(&layer.forward(&x)?, &want)
+                    .map_err(crate::ops::kernel_err("test"))?
+                    < 1e-4
+            );
+        }
+        // The cached Wᵀ must not outlive the weight it was made from.
+        let w2 = (&w * 2.0)?;
+        layer.set_weight(w2.clone())?;
+        let x = Tensor::randn(0f32, 1.0, (2, 32), &dev)?;
+        let want = x.matmul(&w2.t()?)?.broadcast_add(&b)?;
+        assert!(
+            sgp_kernels::testing::max_abs_diff(&layer.forward(&x)?, &want).map_err(crate::ops::kernel_err("test"))?
+                < 1e-4
+        );
+        // No input features: the bias rows.
+        let empty = AdaptableLinear::new(
+            Tensor::zeros((4, 0), DType::F32, &dev)?,
+            Some(Tensor::ones(4, DType::F32, &dev)?),
+        );
+        let y: Vec<Vec<f32>> = empty.forward(&Tensor::zeros((2, 0), DType::F32, &dev)?)?.to_vec2()?;
+        assert_eq!(y, vec![vec![1f32; 4]; 2]);
+        Ok(())
+    }
 }
