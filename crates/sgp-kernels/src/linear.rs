@@ -95,27 +95,60 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         };
         return y.reshape(out_dims).map_err(Error::from);
     }
-    let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
+    untracked_product(x, weight, bias, out_dims, |xd, wd, bd| {
+        linear_slices(xd, wd, bd, m, k, n)
+    })
+}
+
+/// Runs `product` on the contiguous f32 slices of untracked `x`, `w` and `bias`, and
+/// wraps its result as a tensor of `out_dims`.
+fn untracked_product(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    out_dims: Vec<usize>,
+    product: impl FnOnce(&[f32], &[f32], Option<&[f32]>) -> Vec<f32>,
+) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
     let bias = bias.map(|b| b.contiguous()).transpose()?;
     let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = weight.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let bias_storage = bias.as_ref().map(|b| b.storage_and_layout());
     let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
         return Err(Error::Unsupported("linear: CPU tensors only".into()));
     };
-    let xd = crate::contiguous_f32("linear", xs, xl)?;
-    let wd = crate::contiguous_f32("linear", ws, wl)?;
-    let out = match &bias {
-        Some(b) => {
-            let (bs, bl) = b.storage_and_layout();
-            let Storage::Cpu(bs) = &*bs else {
+    let bd = match &bias_storage {
+        Some((bs, bl)) => {
+            let Storage::Cpu(bs) = &**bs else {
                 return Err(Error::Unsupported("linear: CPU tensors only".into()));
             };
-            linear_slices(xd, wd, Some(crate::contiguous_f32("linear", bs, bl)?), m, k, n)
+            Some(crate::contiguous_f32("linear", bs, bl)?)
         }
-        None => linear_slices(xd, wd, None, m, k, n),
+        None => None,
     };
+    let out = product(
+        crate::contiguous_f32("linear", xs, xl)?,
+        crate::contiguous_f32("linear", ws, wl)?,
+        bd,
+    );
     Tensor::from_vec(out, out_dims, x.device()).map_err(Error::from)
+}
+
+/// The m×n output of a product with k > 0: rows set to the bias, which gemm then
+/// accumulates onto, or left for gemm to write without one.
+fn output_rows(m: usize, n: usize, bias: Option<&[f32]>) -> crate::OverwriteBuf {
+    let mut buf = crate::OverwriteBuf::new(m * n);
+    let out_ptr = buf.ptr();
+    if let Some(bd) = bias {
+        // SAFETY: row i of the m×n buffer, written by this task alone.
+        let row = |i: usize| unsafe { std::ptr::copy_nonoverlapping(bd.as_ptr(), out_ptr.get().add(i * n), n) };
+        if m < 64 {
+            (0..m).for_each(row); // a rayon dispatch would cost more than the copies
+        } else {
+            (0..m).into_par_iter().with_min_len(64).for_each(row);
+        }
+    }
+    buf
 }
 
 /// `x (m×k) · w (n×k)ᵀ [+ b (n)]` into a new m×n buffer.
@@ -128,14 +161,8 @@ fn linear_slices(xd: &[f32], wd: &[f32], bias: Option<&[f32]>, m: usize, k: usiz
         }
         return out;
     }
-    let mut buf = crate::OverwriteBuf::new(m * n);
+    let mut buf = output_rows(m, n, bias);
     let out_ptr = buf.ptr();
-    if let Some(bd) = bias {
-        (0..m).into_par_iter().with_min_len(64).for_each(|i| {
-            // SAFETY: row i of the m×n buffer, written by this task alone.
-            unsafe { std::ptr::copy_nonoverlapping(bd.as_ptr(), out_ptr.get().add(i * n), n) }
-        });
-    }
     let threads = candle_core::utils::get_num_threads();
     let parallelism = crate::gemm_parallelism();
     // With a bias gemm accumulates onto the rows written above; without one it writes
@@ -196,47 +223,18 @@ pub fn linear_transposed(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -
     let m: usize = dims[..dims.len() - 1].iter().product();
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("x has a last dim") = n;
-    let (x, wt) = (x.contiguous()?, weight_t.contiguous()?);
-    let bias = bias.map(|b| b.contiguous()).transpose()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = wt.storage_and_layout();
-    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
-        return Err(Error::Unsupported("linear: CPU tensors only".into()));
-    };
-    let (xd, wd) = (
-        crate::contiguous_f32("linear", xs, xl)?,
-        crate::contiguous_f32("linear", ws, wl)?,
-    );
-    let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
-    let bd = match &bias_guard {
-        Some((bs, bl)) => {
-            let Storage::Cpu(bs) = &**bs else {
-                return Err(Error::Unsupported("linear: CPU tensors only".into()));
-            };
-            Some(crate::contiguous_f32("linear", bs, bl)?)
+    untracked_product(x, weight_t, bias, out_dims, |xd, wd, bd| {
+        if m == 0 || n == 0 || k == 0 {
+            return linear_slices(xd, &[], bd, m, k, n); // nothing to multiply
         }
-        None => None,
-    };
-    let out = if m == 0 || n == 0 || k == 0 {
-        // Nothing to multiply; same result as `linear`.
-        linear_slices(xd, &[], bd, m, k, n)
-    } else {
-        let mut buf = crate::OverwriteBuf::new(m * n);
-        let dst = buf.ptr().get();
-        if let Some(bd) = bd {
-            for i in 0..m {
-                // SAFETY: row i of the m×n buffer.
-                unsafe { std::ptr::copy_nonoverlapping(bd.as_ptr(), dst.add(i * n), n) };
-            }
-        }
-        // SAFETY: dst is m×n, x m×k, Wᵀ k×n, all row-major; without a bias gemm writes
-        // every element (k > 0).
+        let mut buf = output_rows(m, n, bd);
+        // SAFETY: the buffer is m×n, x m×k, Wᵀ k×n, all row-major; without a bias gemm
+        // writes every element (k > 0).
         unsafe {
-            crate::gemm_row_major(m, n, k, dst, bd.is_some(), xd.as_ptr(), wd.as_ptr());
+            crate::gemm_row_major(m, n, k, buf.ptr().get(), bd.is_some(), xd.as_ptr(), wd.as_ptr());
             buf.assume_init()
         }
-    };
-    Tensor::from_vec(out, out_dims, x.device()).map_err(Error::from)
+    })
 }
 
 /// The tracked linear: forward as [`linear`], backward only for tracked operands.

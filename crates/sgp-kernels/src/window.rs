@@ -32,8 +32,8 @@ impl Windows {
         let (hp, wp) = self.padded();
         let (nh, nw) = (hp / ws, wp / ws);
         let (h, w) = (self.h, self.w);
-        if b * c == 0 || if self.inverse { h * w == 0 } else { hp * wp == 0 } {
-            return Vec::new(); // an empty map (the row chunks below must not be empty)
+        if b * h * w * c == 0 {
+            return Vec::new(); // an empty map or no windows (row chunks below must not be empty)
         }
         if !self.inverse {
             let mut out = vec![0f32; b * hp * wp * c];
