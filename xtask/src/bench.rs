@@ -30,6 +30,20 @@ enum What {
     Train(crate::bench_train::Args),
 }
 
+impl Args {
+    /// The benchmark's `--threads`, which must be in place before rayon's pool starts.
+    pub fn threads(&self) -> Option<usize> {
+        match &self.what {
+            What::Sam2(a) => a.threads,
+            What::Propagate(a) => a.threads,
+            What::Support(a) => a.threads,
+            What::Head(a) => a.threads,
+            What::Matmul(a) => a.threads,
+            What::Train(a) => a.threads,
+        }
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Sam2(a) => crate::bench_sam2::run(a),

@@ -33,7 +33,7 @@ pub struct Args {
     iters: usize,
     /// Threads (default: the machine's cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
 }
 
 fn status_mb(key: &str) -> anyhow::Result<f64> {

@@ -25,7 +25,7 @@ pub struct Args {
     python: String,
     /// Threads for both sides.
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
 }
 
 fn parse(spec: &str) -> anyhow::Result<(usize, usize, usize)> {

@@ -41,7 +41,7 @@ pub struct Args {
     python: String,
     /// Threads for both sides (default: the machine's cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Internal: run one peak-memory measurement in this process (size, weights file).
     #[arg(long, hide = true)]
     child_peak: Option<usize>,

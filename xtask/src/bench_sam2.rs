@@ -41,7 +41,7 @@ pub struct Args {
     python: String,
     /// Threads for both sides (default: candle's, i.e. RAYON_NUM_THREADS or the cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Also time the parts (Hiera stages, neck, decoder pieces).
     #[arg(long)]
     profile: bool,

@@ -44,7 +44,7 @@ pub struct Args {
     python: String,
     /// Threads for both sides (default: the machine's cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
 }
 
 /// A support: a random image with a rectangle mask of class 1 (as the PyTorch side uses).

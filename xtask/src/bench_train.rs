@@ -52,7 +52,7 @@ pub struct Args {
     python: String,
     /// Threads for both sides (default: the machine's cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Skip our full SGP step (PMA + hierarchical decoder).
     #[arg(long)]
     no_full: bool,

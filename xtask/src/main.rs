@@ -55,6 +55,9 @@ fn main() -> anyhow::Result<()> {
     // First, before any thread starts: candle's idle elementwise threads park instead of
     // spinning on the cores rayon's matmuls need (see sgp_kernels::runtime).
     sgp_kernels::runtime::park_idle_candle_threads();
+    // Freed activations stay in the heap for the next layer instead of costing a page
+    // fault per 4 KiB on reuse.
+    sgp_kernels::runtime::retain_freed_memory();
     // `SGP_SPAN_TIMES=1` logs each span's busy/idle time when it closes (with e.g.
     // `RUST_LOG=sgp_sam2=debug`): a per-step profile without a profiler.
     let span_events = if std::env::var_os("SGP_SPAN_TIMES").is_some_and(|v| v == "1") {
@@ -71,7 +74,15 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.cmd {
+    if let Cmd::Bench(b) = &cli.cmd {
+        if let Some(n) = b.threads() {
+            // Before the pool starts (below): it reads the count once.
+            bench::set_threads(Some(n));
+        }
+    }
+    // The command runs on one of rayon's threads, so each parallel op is forked from
+    // inside the pool (see sgp_kernels::runtime::on_pool).
+    sgp_kernels::runtime::on_pool(move || match cli.cmd {
         Cmd::Parity(a) => parity::run(a),
         Cmd::Predict(a) => predict::run(a),
         Cmd::Predict2d(a) => predict2d::run(a),
@@ -81,5 +92,5 @@ fn main() -> anyhow::Result<()> {
         Cmd::EvalFolder(a) => eval::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Train(a) => train::run(a),
-    }
+    })
 }

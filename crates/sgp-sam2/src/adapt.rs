@@ -9,6 +9,8 @@
 use std::sync::Arc;
 
 use candle_core::{Module, Result, Tensor};
+/// The activation an MLP's first layer applies ([`AdaptableLinear::forward_activated`]).
+pub use sgp_kernels::activation::Activation;
 
 /// An additive low-rank (or any) correction to a linear layer's output.
 pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
@@ -135,6 +137,24 @@ impl AdaptableLinear {
     }
 }
 
+impl AdaptableLinear {
+    /// `act(self.forward(x))`. Without an adapter, on untracked f32 CPU inputs of more
+    /// than a few rows, the bias and activation run in one in-place pass over the product
+    /// (an MLP's first layer: Hiera's, memory attention's, the decoder's).
+    pub fn forward_activated(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        let params: Vec<&Tensor> = std::iter::once(x)
+            .chain(Some(&self.weight))
+            .chain(self.bias.as_ref())
+            .collect();
+        if self.adapter.is_none() && rows > sgp_kernels::linear::FEW_ROWS && crate::ops::untracked_cpu_f32(&params) {
+            return sgp_kernels::linear::linear_activated(x, &self.weight, self.bias.as_ref(), act)
+                .map_err(crate::ops::kernel_err("linear"));
+        }
+        act.apply(&self.forward(x)?)
+    }
+}
+
 impl Module for AdaptableLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.forward_base(x)?;
@@ -188,6 +208,38 @@ mod tests {
         );
         let y: Vec<Vec<f32>> = empty.forward(&Tensor::zeros((2, 0), DType::F32, &dev)?)?.to_vec2()?;
         assert_eq!(y, vec![vec![1f32; 4]; 2]);
+        Ok(())
+    }
+
+    /// A constant delta, to tell whether the adapter was applied before the activation.
+    #[derive(Debug)]
+    struct Shift(f32);
+
+    impl LinearAdapter for Shift {
+        fn delta(&self, x: &Tensor) -> Result<Tensor> {
+            let n = 48;
+            let mut dims = x.dims().to_vec();
+            *dims.last_mut().unwrap() = n;
+            Tensor::full(self.0, dims, x.device())
+        }
+    }
+
+    #[test]
+    fn activated_forward_is_the_activation_of_the_forward() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (48, 32), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 48, &dev)?;
+        let mut layer = AdaptableLinear::new(w, Some(b));
+        let x = Tensor::randn(0f32, 1.0, (2, 40, 32), &dev)?;
+        for adapter in [None, Some(Arc::new(Shift(-0.7)) as Arc<dyn LinearAdapter>)] {
+            layer.set_adapter(adapter);
+            for act in [Activation::Gelu, Activation::Relu] {
+                let want = act.apply(&layer.forward(&x)?)?;
+                let got = layer.forward_activated(&x, act)?;
+                let d = sgp_kernels::testing::max_abs_diff(&got, &want).map_err(crate::ops::kernel_err("test"))?;
+                assert!(d < 1e-5, "{act:?} with adapter {}: {d}", layer.adapter().is_some());
+            }
+        }
         Ok(())
     }
 }

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::adapt::AdaptableLinear;
 use crate::config::HieraConfig;
-use crate::ops::{gelu, scaled_dot_product_attention, LayerNorm};
+use crate::ops::{scaled_dot_product_attention, LayerNorm};
 
 #[derive(Debug, Clone)]
 pub struct MultiScaleAttention {
@@ -159,7 +159,7 @@ impl HieraMlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = gelu(&self.layers[0].forward(x)?)?;
+        let h = self.layers[0].forward_activated(x, crate::adapt::Activation::Gelu)?;
         self.layers[1].forward(&h)
     }
 }

@@ -9,7 +9,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::adapt::AdaptableLinear;
+use crate::adapt::{Activation, AdaptableLinear};
 use crate::ops::LayerNorm;
 use crate::rope::AxialRope;
 
@@ -245,12 +245,6 @@ impl RoPEAttention {
 /// `softmax(q kᵀ/√d) v` over [B,H,N,d] (see [`crate::ops::scaled_dot_product_attention`]).
 pub use crate::ops::scaled_dot_product_attention;
 
-#[derive(Debug, Clone, Copy)]
-enum Activation {
-    Relu,
-    Gelu,
-}
-
 /// One layer: RoPE self-attention, RoPE cross-attention to the memory, MLP (pre-norm).
 #[derive(Debug, Clone)]
 pub struct MemoryAttentionLayer {
@@ -321,11 +315,9 @@ impl MemoryAttentionLayer {
         };
         let tgt = (&tgt + self.cross_attn_image.forward(&q, &k, memory, num_k_exclude_rope)?)?;
         // MLP.
-        let t2 = self.linear1.forward(&self.norm3.forward(&tgt)?)?;
-        let t2 = match self.activation {
-            Activation::Relu => t2.relu()?,
-            Activation::Gelu => crate::ops::gelu(&t2)?,
-        };
+        let t2 = self
+            .linear1
+            .forward_activated(&self.norm3.forward(&tgt)?, self.activation)?;
         &tgt + self.linear2.forward(&t2)?
     }
 }

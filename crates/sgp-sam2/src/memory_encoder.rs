@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::adapt::AdaptableLinear;
 use crate::config::PositionEmbeddingSineConfig;
-use crate::ops::{conv2d, gelu, LayerNorm2d};
+use crate::ops::{conv2d, LayerNorm2d};
 use crate::position_encoding::PositionEmbeddingSine;
 
 fn default_256() -> usize {
@@ -278,7 +278,9 @@ impl Module for CXBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.norm.forward(&self.depthwise(x)?)?;
         let y = crate::ops::contiguous(&y.permute((0, 2, 3, 1))?)?;
-        let y = self.pwconv2.forward(&gelu(&self.pwconv1.forward(&y)?)?)?;
+        let y = self
+            .pwconv2
+            .forward(&self.pwconv1.forward_activated(&y, crate::adapt::Activation::Gelu)?)?;
         let y = match &self.gamma {
             Some(g) => y.broadcast_mul(g)?,
             None => y,

@@ -10,20 +10,7 @@ use crate::adapt::AdaptableLinear;
 use crate::ops::{softmax_last_dim, LayerNorm};
 
 /// Activation between MLP layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Relu,
-    Gelu,
-}
-
-impl Activation {
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::Relu => x.relu(),
-            Activation::Gelu => crate::ops::gelu(x),
-        }
-    }
-}
+pub use crate::adapt::Activation;
 
 /// `sam2_utils.MLP`: `num_layers` linear layers (`layers.{i}`), activation between them,
 /// optional sigmoid at the end.
@@ -72,10 +59,11 @@ impl Module for Mlp {
         let mut x = x.clone();
         let n = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x)?;
-            if i + 1 < n {
-                x = self.activation.apply(&x)?;
-            }
+            x = if i + 1 < n {
+                layer.forward_activated(&x, self.activation)?
+            } else {
+                layer.forward(&x)?
+            };
         }
         if self.sigmoid_output {
             x = candle_nn::ops::sigmoid(&x)?;
