@@ -46,9 +46,12 @@ pub fn retain_freed_memory() -> bool {
         // SAFETY: mallopt only changes allocator parameters; it is called before other
         // threads allocate (see above), and a rejected value leaves the default.
         unsafe {
-            // No block gets its own mapping (so none is unmapped on free), and the
-            // heap top is never trimmed.
-            libc::mallopt(libc::M_MMAP_MAX, 0) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+            // No block gets its own mapping (so none is unmapped on free), the heap top
+            // is never trimmed, and every thread allocates from the main heap: a worker
+            // thread's own arena lives in 64 MiB mappings that glibc unmaps once empty.
+            libc::mallopt(libc::M_MMAP_MAX, 0) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+                && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
