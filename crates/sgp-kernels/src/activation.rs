@@ -72,23 +72,8 @@ fn gelu_x16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     p = _mm512_fmadd_ps(p, t, splat(1.421_413_8));
     p = _mm512_fmadd_ps(p, t, splat(-0.284_496_73));
     p = _mm512_fmadd_ps(p, t, splat(0.254_829_6));
-    // exp(-a²), clamped below at -87 (where it is < 2e-38 and 1 - p·t·e rounds to 1):
-    // x = n·ln2 + r, degree-6 polynomial on r, times 2^n.
-    let e_in = _mm512_max_ps(_mm512_fnmadd_ps(a, a, _mm512_setzero_ps()), splat(-87.0));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-        e_in,
-        splat(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm512_fnmadd_ps(n, splat(0.693_359_4), e_in);
-    let r = _mm512_fnmadd_ps(n, splat(-2.121_944_4e-4), r);
-    let mut y = splat(1.987_569_1e-4);
-    y = _mm512_fmadd_ps(y, r, splat(1.398_199_9e-3));
-    y = _mm512_fmadd_ps(y, r, splat(8.333_452e-3));
-    y = _mm512_fmadd_ps(y, r, splat(4.166_579_6e-2));
-    y = _mm512_fmadd_ps(y, r, splat(1.666_666_5e-1));
-    y = _mm512_fmadd_ps(y, r, splat(0.5));
-    y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, r), r, r), one);
-    let e = _mm512_scalef_ps(y, n);
+    // exp(-a²): below e^-104 it is 0, and 1 - p·t·e is 1 well before that.
+    let e = crate::math::exp_x16(_mm512_fnmadd_ps(a, a, _mm512_setzero_ps()));
     let erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, one);
     // erf = copysign(erf_abs, z); erf_abs ≥ 0, so its sign bit is clear.
     let erf = _mm512_castsi512_ps(_mm512_or_si512(
@@ -107,7 +92,7 @@ fn gelu_x16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
 unsafe fn gelu_rows_raw(src: *const f32, dst: *mut f32, len: usize, bias: Option<&[f32]>) {
     let row = bias.map_or(len, <[f32]>::len).max(1);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::math::has_avx512() {
         // SAFETY: the CPU has AVX-512F; the pointers are valid for `len` values.
         return unsafe { gelu_rows_avx512(src, dst, len, row, bias) };
     }

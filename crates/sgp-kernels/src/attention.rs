@@ -663,9 +663,7 @@ fn softmax_rows(s: &mut [f32], lk: usize) {
             *x -= m;
         }
     }
-    for x in s.iter_mut() {
-        *x = exp_f32(*x);
-    }
+    exp_in_place(s);
     for row in s.chunks_exact_mut(lk) {
         let inv = 1.0 / row.iter().sum::<f32>();
         for x in row.iter_mut() {
@@ -674,9 +672,83 @@ fn softmax_rows(s: &mut [f32], lk: usize) {
     }
 }
 
+/// `v ← exp(v)`, 16 lanes at a time where the CPU has AVX-512.
+fn exp_in_place(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::math::has_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { exp_in_place_avx512(v) };
+    }
+    for x in v.iter_mut() {
+        *x = exp_f32(*x);
+    }
+}
+
+/// The lanes of a 16-wide step at `j` of a `len`-long row: all 16, or the tail's.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes(j: usize, len: usize) -> u16 {
+    let left = len - j;
+    if left >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << left) - 1
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_in_place_avx512(v: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (p, n) = (v.as_mut_ptr(), v.len());
+    for j in (0..n).step_by(16) {
+        let k = lanes(j, n);
+        // SAFETY: the lanes of `k` lie inside `v`.
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(k, p.add(j));
+            _mm512_mask_storeu_ps(p.add(j), k, crate::math::exp_x16(x));
+        }
+    }
+}
+
+/// `row ← softmax(row)` in 16 AVX-512 lanes: max, exponentials and their sum, scale.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_in_place_avx512(row: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (p, n) = (row.as_mut_ptr(), row.len());
+    // SAFETY (all blocks): each step's lanes lie inside `row`.
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    for j in (0..n).step_by(16) {
+        let k = lanes(j, n);
+        mx = _mm512_mask_max_ps(mx, k, mx, unsafe { _mm512_maskz_loadu_ps(k, p.add(j)) });
+    }
+    let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    let mut acc = _mm512_setzero_ps();
+    for j in (0..n).step_by(16) {
+        let k = lanes(j, n);
+        let e = crate::math::exp_x16(_mm512_sub_ps(unsafe { _mm512_maskz_loadu_ps(k, p.add(j)) }, m));
+        unsafe { _mm512_mask_storeu_ps(p.add(j), k, e) };
+        acc = _mm512_mask_add_ps(acc, k, acc, e);
+    }
+    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(acc));
+    for j in (0..n).step_by(16) {
+        let k = lanes(j, n);
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(k, p.add(j));
+            _mm512_mask_storeu_ps(p.add(j), k, _mm512_mul_ps(x, inv));
+        }
+    }
+}
+
 /// `row ← softmax(row)`, vectorisable (16 lanes of max and sum).
 #[inline]
 fn softmax_in_place(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::math::has_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { softmax_in_place_avx512(row) };
+    }
     let mut mx = [f32::NEG_INFINITY; 16];
     let mut chunks = row.chunks_exact(16);
     for c in &mut chunks {
@@ -711,6 +783,40 @@ fn softmax_in_place(row: &mut [f32]) {
 mod tests {
     use super::*;
     use candle_core::{Device, D};
+
+    #[test]
+    fn softmax_rows_are_accurate_at_every_length() {
+        // Short rows (the block pass), full vectors, masked tails, a -inf (masked) key.
+        for lk in [1usize, 7, 16, 37, 300, 7172] {
+            let rows = 3;
+            let mut state = 12345u32 ^ lk as u32;
+            let mut s: Vec<f32> = (0..rows * lk)
+                .map(|_| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (state >> 8) as f32 / (1u32 << 24) as f32 * 60.0 - 30.0
+                })
+                .collect();
+            if lk > 1 {
+                s[1] = f32::NEG_INFINITY;
+            }
+            let want: Vec<f64> = s
+                .chunks(lk)
+                .flat_map(|r| {
+                    let m = r.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+                    let e: Vec<f64> = r.iter().map(|&x| (x as f64 - m).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    e.into_iter().map(move |v| v / sum)
+                })
+                .collect();
+            softmax_rows(&mut s, lk);
+            for (i, (g, w)) in s.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() <= 4e-6 * w + 1e-8, "lk {lk} [{i}]: {g} vs {w}");
+            }
+            if lk > 1 {
+                assert_eq!(s[1], 0.0, "a -inf score gets no weight");
+            }
+        }
+    }
 
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         // [B, L, H, D] -> [B, H, L, D], plain composition in f64.
