@@ -217,9 +217,7 @@ fn profile_ours(
             proj += time_ms(w, n, || Ok(b.attn.proj.forward(&attn_out)?))?;
             y = b.forward(&y)?;
             let m = Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu)?;
-            mlp += time_ms(w, n, || {
-                Ok(b.mlp.layers[1].forward(&gelu(&b.mlp.layers[0].forward(&m)?)?)?)
-            })?;
+            mlp += time_ms(w, n, || Ok(b.mlp.forward(&m)?))?;
         }
         for (part, ms) in [("attn", attn), ("attn.qkv", qkv), ("attn.proj", proj), ("mlp", mlp)] {
             t.insert((format!("  hiera.stage{stage}.{part}"), size), ms);

@@ -84,7 +84,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         return y.reshape(out_dims).map_err(Error::from);
     }
     untracked_product(x, weight, bias, out_dims, |xd, wd, bd| {
-        linear_slices(xd, wd, bd, m, k, n, None)
+        linear_slices(xd, wd, bd, m, k, n, Epilogue::None)
     })
 }
 
@@ -113,7 +113,37 @@ pub fn linear_activated(
     }
     let (m, k, n, out_dims) = product_shape(x, weight, bias)?;
     untracked_product(x, weight, bias, out_dims, |xd, wd, bd| {
-        linear_slices(xd, wd, bd, m, k, n, Some(act))
+        linear_slices(xd, wd, bd, m, k, n, Epilogue::Activation(act))
+    })
+}
+
+/// `residual + x Wᵀ + b` (a transformer block's MLP or projection with its skip
+/// connection): the output starts as `residual + b` and gemm accumulates onto it, so the
+/// skip costs no pass or buffer of its own. Shapes as [`linear`]; `residual` has the
+/// output's shape. Tracked inputs take [`linear`] and candle's add.
+pub fn linear_residual(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+    let tracked = [Some(x), Some(weight), bias, Some(residual)]
+        .into_iter()
+        .flatten()
+        .any(|t| t.track_op());
+    if tracked || !residual.device().is_cpu() || residual.dtype() != DType::F32 {
+        return (residual + linear(x, weight, bias)?).map_err(Error::from);
+    }
+    let (m, k, n, out_dims) = product_shape(x, weight, bias)?;
+    if residual.dims() != out_dims.as_slice() {
+        return Err(Error::Shape(format!(
+            "linear: residual {:?} for an output of {out_dims:?}",
+            residual.dims()
+        )));
+    }
+    let residual = residual.contiguous()?;
+    let (rs, rl) = residual.storage_and_layout();
+    let Storage::Cpu(rs) = &*rs else {
+        return Err(Error::Unsupported("linear: CPU tensors only".into()));
+    };
+    let rd = crate::contiguous_f32("linear", rs, rl)?;
+    untracked_product(x, weight, bias, out_dims, |xd, wd, bd| {
+        linear_slices(xd, wd, bd, m, k, n, Epilogue::Residual(rd))
     })
 }
 
@@ -169,26 +199,47 @@ fn untracked_product(
     Tensor::from_vec(out, out_dims, x.device()).map_err(Error::from)
 }
 
-/// The m×n output of a product with k > 0: rows set to the bias, which gemm then
-/// accumulates onto, or left for gemm to write without one.
-fn output_rows(m: usize, n: usize, bias: Option<&[f32]>) -> crate::OverwriteBuf {
+/// The m×n output of a product with k > 0: rows set to the bias (plus the residual's
+/// row), which gemm then accumulates onto, or left for gemm to write without either.
+fn output_rows(m: usize, n: usize, bias: Option<&[f32]>, residual: Option<&[f32]>) -> crate::OverwriteBuf {
     let mut buf = crate::OverwriteBuf::new(m * n);
     let out_ptr = buf.ptr();
-    if let Some(bd) = bias {
+    if bias.is_none() && residual.is_none() {
+        return buf;
+    }
+    let row = |i: usize| {
         // SAFETY: row i of the m×n buffer, written by this task alone.
-        let row = |i: usize| unsafe { std::ptr::copy_nonoverlapping(bd.as_ptr(), out_ptr.get().add(i * n), n) };
-        if m < 64 {
-            (0..m).for_each(row); // a rayon dispatch would cost more than the copies
-        } else {
-            (0..m).into_par_iter().with_min_len(64).for_each(row);
+        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * n), n) };
+        match (bias, residual) {
+            (Some(b), Some(r)) => out
+                .iter_mut()
+                .zip(b)
+                .zip(&r[i * n..(i + 1) * n])
+                .for_each(|((o, &b), &r)| *o = r + b),
+            (None, Some(r)) => out.copy_from_slice(&r[i * n..(i + 1) * n]),
+            (Some(b), None) => out.copy_from_slice(b),
+            (None, None) => unreachable!("returned above"),
         }
+    };
+    if m < 64 {
+        (0..m).for_each(row); // a rayon dispatch would cost more than the copies
+    } else {
+        (0..m).into_par_iter().with_min_len(64).for_each(row);
     }
     buf
 }
 
-/// `[act](x (m×k) · w (n×k)ᵀ [+ b (n)])` into a new m×n buffer. Without an activation
-/// the bias is the starting value gemm accumulates onto; with one, gemm writes the bare
-/// product and the activation pass adds the bias.
+/// What a product's output passes through besides the bias.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    None,
+    /// `act(x Wᵀ + b)`: gemm writes the bare product, one pass adds the bias and applies it.
+    Activation(crate::activation::Activation),
+    /// `r + x Wᵀ + b`: the output starts as `r + b` and gemm accumulates onto it.
+    Residual(&'a [f32]),
+}
+
+/// `x (m×k) · w (n×k)ᵀ [+ b (n)]` through `epilogue` into a new m×n buffer.
 fn linear_slices(
     xd: &[f32],
     wd: &[f32],
@@ -196,7 +247,7 @@ fn linear_slices(
     m: usize,
     k: usize,
     n: usize,
-    act: Option<crate::activation::Activation>,
+    epilogue: Epilogue,
 ) -> Vec<f32> {
     if m == 0 || n == 0 || k == 0 {
         // No product to write the output: it is the bias rows (or zeros).
@@ -204,19 +255,25 @@ fn linear_slices(
         if let Some(bd) = bias {
             out.chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(bd));
         }
-        if let Some(act) = act {
-            act.apply_rows_in_place(&mut out, None);
+        match epilogue {
+            Epilogue::None => {}
+            Epilogue::Activation(act) => act.apply_rows_in_place(&mut out, None),
+            Epilogue::Residual(r) => out.iter_mut().zip(r).for_each(|(o, &r)| *o += r),
         }
         return out;
     }
-    let prefill = if act.is_some() { None } else { bias };
-    let mut buf = output_rows(m, n, prefill);
+    let (prefill, residual) = match epilogue {
+        Epilogue::None => (bias, None),
+        Epilogue::Activation(_) => (None, None),
+        Epilogue::Residual(r) => (bias, Some(r)),
+    };
+    let mut buf = output_rows(m, n, prefill, residual);
     let out_ptr = buf.ptr();
     let threads = candle_core::utils::get_num_threads();
     let parallelism = crate::gemm_parallelism();
     // With a bias gemm accumulates onto the rows written above; without one it writes
     // every element (k > 0), so the buffer is fully initialised either way.
-    let read_dst = prefill.is_some();
+    let read_dst = prefill.is_some() || residual.is_some();
     if threads > 1 && m < SHORT_ROWS && n >= threads * MIN_SPLIT_COLS {
         // Few rows, wide output (Hiera's last stages): gemm's own split over rows leaves
         // cores idle; give each thread a band of output columns instead.
@@ -246,7 +303,7 @@ fn linear_slices(
     }
     // SAFETY: see `read_dst` above.
     let mut out = unsafe { buf.assume_init() };
-    if let Some(act) = act {
+    if let Epilogue::Activation(act) = epilogue {
         act.apply_rows_in_place(&mut out, bias);
     }
     out
@@ -278,9 +335,9 @@ pub fn linear_transposed(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -
     *out_dims.last_mut().expect("x has a last dim") = n;
     untracked_product(x, weight_t, bias, out_dims, |xd, wd, bd| {
         if m == 0 || n == 0 || k == 0 {
-            return linear_slices(xd, &[], bd, m, k, n, None); // nothing to multiply
+            return linear_slices(xd, &[], bd, m, k, n, Epilogue::None); // nothing to multiply
         }
-        let mut buf = output_rows(m, n, bd);
+        let mut buf = output_rows(m, n, bd, None);
         // SAFETY: the buffer is m×n, x m×k, Wᵀ k×n, all row-major; without a bias gemm
         // writes every element (k > 0).
         unsafe {
@@ -308,7 +365,7 @@ impl LinearOp {
             candle_core::bail!("linear: operands {:?}, {:?} do not fit", xl.shape(), wl.shape());
         }
         Ok((
-            CpuStorage::F32(linear_slices(xd, wd, bd, m, k, n, None)),
+            CpuStorage::F32(linear_slices(xd, wd, bd, m, k, n, Epilogue::None)),
             Shape::from((m, n)),
         ))
     }
@@ -554,6 +611,41 @@ mod tests {
         let b = Tensor::new(&[-1f32, 0., 2.], &dev)?;
         let y: Vec<Vec<f32>> = linear_activated(&x, &w, Some(&b), Activation::Relu)?.to_vec2()?;
         assert_eq!(y, vec![vec![0., 0., 2.]; 2]);
+        Ok(())
+    }
+
+    #[test]
+    fn residual_linear_equals_residual_plus_linear() -> Result<()> {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(3usize, 5usize, 37usize), (40, 64, 1000), (700, 600, 37)] {
+            let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            let r = Tensor::randn(0f32, 1.0, (1, m, n), &dev)?;
+            for bias in [Some(&b), None] {
+                let want = (&r + linear(&x, &w, bias)?)?;
+                let d = crate::testing::max_abs_diff(&linear_residual(&x, &w, bias, &r)?, &want)?;
+                assert!(d < 1e-4, "{m}x{k}->{n} bias {}: {d}", bias.is_some());
+            }
+            // A strided residual is read in its logical order.
+            let rt = Tensor::randn(0f32, 1.0, (1, n, m), &dev)?.transpose(1, 2)?;
+            let want = (&rt + linear(&x, &w, Some(&b))?)?;
+            assert!(crate::testing::max_abs_diff(&linear_residual(&x, &w, Some(&b), &rt)?, &want)? < 1e-4);
+        }
+        let x = Tensor::randn(0f32, 1.0, (4, 3), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &dev)?;
+        assert!(linear_residual(&x, &w, None, &Tensor::zeros((4, 4), DType::F32, &dev)?).is_err());
+        // No input features: residual + bias.
+        let x0 = Tensor::zeros((2, 0), DType::F32, &dev)?;
+        let w0 = Tensor::zeros((3, 0), DType::F32, &dev)?;
+        let r = Tensor::ones((2, 3), DType::F32, &dev)?;
+        let b = Tensor::new(&[1f32, 2., 3.], &dev)?;
+        let y: Vec<Vec<f32>> = linear_residual(&x0, &w0, Some(&b), &r)?.to_vec2()?;
+        assert_eq!(y, vec![vec![2., 3., 4.]; 2]);
+        // Tracked: the gradient reaches the residual.
+        let rv = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 5), &dev)?)?;
+        let y = linear_residual(&x, &w, None, rv.as_tensor())?;
+        assert!(y.sum_all()?.backward()?.get(rv.as_tensor()).is_some());
         Ok(())
     }
 }

@@ -153,6 +153,22 @@ impl AdaptableLinear {
         }
         act.apply(&self.forward(x)?)
     }
+
+    /// `residual + self.forward(x)`. Without an adapter, on untracked f32 CPU inputs of
+    /// more than a few rows, the output starts as `residual + bias` and the product
+    /// accumulates onto it (no separate add).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        let params: Vec<&Tensor> = [x, &self.weight, residual]
+            .into_iter()
+            .chain(self.bias.as_ref())
+            .collect();
+        if self.adapter.is_none() && rows > sgp_kernels::linear::FEW_ROWS && crate::ops::untracked_cpu_f32(&params) {
+            return sgp_kernels::linear::linear_residual(x, &self.weight, self.bias.as_ref(), residual)
+                .map_err(crate::ops::kernel_err("linear"));
+        }
+        residual + self.forward(x)?
+    }
 }
 
 impl Module for AdaptableLinear {
@@ -225,7 +241,7 @@ mod tests {
     }
 
     #[test]
-    fn activated_forward_is_the_activation_of_the_forward() -> Result<()> {
+    fn activated_and_residual_forwards_equal_the_plain_forward() -> Result<()> {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (48, 32), &dev)?;
         let b = Tensor::randn(0f32, 1.0, 48, &dev)?;
@@ -239,6 +255,11 @@ mod tests {
                 let d = sgp_kernels::testing::max_abs_diff(&got, &want).map_err(crate::ops::kernel_err("test"))?;
                 assert!(d < 1e-5, "{act:?} with adapter {}: {d}", layer.adapter().is_some());
             }
+            let r = Tensor::randn(0f32, 1.0, (2, 40, 48), &dev)?;
+            let want = (&r + layer.forward(&x)?)?;
+            let d = sgp_kernels::testing::max_abs_diff(&layer.forward_residual(&x, &r)?, &want)
+                .map_err(crate::ops::kernel_err("test"))?;
+            assert!(d < 1e-5, "residual with adapter {}: {d}", layer.adapter().is_some());
         }
         Ok(())
     }

@@ -158,9 +158,16 @@ impl HieraMlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `fc2(gelu(fc1(x)))`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.layers[0].forward_activated(x, crate::adapt::Activation::Gelu)?;
         self.layers[1].forward(&h)
+    }
+
+    /// `residual + self.forward(x)`, the skip added as the second layer's output is made.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = self.layers[0].forward_activated(x, crate::adapt::Activation::Gelu)?;
+        self.layers[1].forward_residual(&h, residual)
     }
 }
 
@@ -243,8 +250,7 @@ impl MultiScaleBlock {
             y = window_unpartition(&y, ws, pad_hw, (h, w))?;
         }
         let x = (shortcut + y)?;
-        let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
-        x + m
+        self.mlp.forward_residual(&self.norm2.forward(&x)?, &x)
     }
 }
 

@@ -318,7 +318,7 @@ impl MemoryAttentionLayer {
         let t2 = self
             .linear1
             .forward_activated(&self.norm3.forward(&tgt)?, self.activation)?;
-        &tgt + self.linear2.forward(&t2)?
+        self.linear2.forward_residual(&t2, &tgt)
     }
 }
 
