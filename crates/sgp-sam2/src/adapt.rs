@@ -154,6 +154,21 @@ impl AdaptableLinear {
         act.apply(&self.forward(x)?)
     }
 
+    /// The layer's output for an all-zero input row, `[1, out_dim]`: the bias (zeros
+    /// without one) plus the adapter's delta, without a product (0·W is exactly 0).
+    pub fn forward_zero_row(&self) -> Result<Tensor> {
+        let out_dim = self.out_dim();
+        let dev = self.weight.device();
+        let base = match &self.bias {
+            Some(b) => b.reshape((1, out_dim))?,
+            None => Tensor::zeros((1, out_dim), self.weight.dtype(), dev)?,
+        };
+        match &self.adapter {
+            Some(a) => base + a.delta(&Tensor::zeros((1, self.in_dim()), self.weight.dtype(), dev)?)?,
+            None => Ok(base),
+        }
+    }
+
     /// `residual + self.forward(x)`. Without an adapter, on untracked f32 CPU inputs of
     /// more than a few rows, the output starts as `residual + bias` and the product
     /// accumulates onto it (no separate add).
