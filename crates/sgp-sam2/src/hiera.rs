@@ -224,9 +224,9 @@ impl MultiScaleBlock {
     /// map and the windows are padded with that row, which is the same (the padding still
     /// takes part in the attention, as in the official code). The projection, a per-token
     /// layer, runs after the windows are merged and cropped, with the skip connection
-    /// fused (global blocks get the fused skip too). At 512 px this skips 42% of the rows of stage 3's windowed qkv and
-    /// projections (a 32×32 map in 14×14 windows is 1764 tokens), 9% of the encoder's
-    /// FLOPs; at 1024 px 20%.
+    /// fused (global blocks get the fused skip too). At 512 px this skips 42% of the rows
+    /// of the windowed qkv and projections of stages 3 and 4 (a 32×32 map in 14×14 windows
+    /// is 1764 tokens): 5 GFLOP, 9% of the encoder's 55. At 1024 px it skips 20% of them.
     fn forward_unpadded(&self, normed: &Tensor, shortcut: &Tensor) -> Result<Option<Tensor>> {
         let (_, h, w, _) = normed.dims4()?;
         if !crate::ops::untracked_cpu_f32(&[normed, shortcut]) {
