@@ -115,8 +115,7 @@ unsafe fn gelu_rows_avx512(src: *const f32, dst: *mut f32, len: usize, row: usiz
         let mut j = 0;
         while j < width {
             // The row's last vector is masked to the values that remain.
-            let lanes = (width - j).min(16);
-            let mask: __mmask16 = if lanes == 16 { u16::MAX } else { (1u16 << lanes) - 1 };
+            let mask = crate::math::lanes16(j, width);
             // SAFETY: the masked lanes lie inside this row of `src`/`dst` (start + j +
             // lanes ≤ len) and of the bias row (j + lanes ≤ row = bias.len()).
             unsafe {

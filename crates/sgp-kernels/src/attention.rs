@@ -684,25 +684,13 @@ fn exp_in_place(v: &mut [f32]) {
     }
 }
 
-/// The lanes of a 16-wide step at `j` of a `len`-long row: all 16, or the tail's.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn lanes(j: usize, len: usize) -> u16 {
-    let left = len - j;
-    if left >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << left) - 1
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_in_place_avx512(v: &mut [f32]) {
     use std::arch::x86_64::*;
     let (p, n) = (v.as_mut_ptr(), v.len());
     for j in (0..n).step_by(16) {
-        let k = lanes(j, n);
+        let k = crate::math::lanes16(j, n);
         // SAFETY: the lanes of `k` lie inside `v`.
         unsafe {
             let x = _mm512_maskz_loadu_ps(k, p.add(j));
@@ -720,20 +708,20 @@ unsafe fn softmax_in_place_avx512(row: &mut [f32]) {
     // SAFETY (all blocks): each step's lanes lie inside `row`.
     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
     for j in (0..n).step_by(16) {
-        let k = lanes(j, n);
+        let k = crate::math::lanes16(j, n);
         mx = _mm512_mask_max_ps(mx, k, mx, unsafe { _mm512_maskz_loadu_ps(k, p.add(j)) });
     }
     let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     let mut acc = _mm512_setzero_ps();
     for j in (0..n).step_by(16) {
-        let k = lanes(j, n);
+        let k = crate::math::lanes16(j, n);
         let e = crate::math::exp_x16(_mm512_sub_ps(unsafe { _mm512_maskz_loadu_ps(k, p.add(j)) }, m));
         unsafe { _mm512_mask_storeu_ps(p.add(j), k, e) };
         acc = _mm512_mask_add_ps(acc, k, acc, e);
     }
     let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(acc));
     for j in (0..n).step_by(16) {
-        let k = lanes(j, n);
+        let k = crate::math::lanes16(j, n);
         unsafe {
             let x = _mm512_maskz_loadu_ps(k, p.add(j));
             _mm512_mask_storeu_ps(p.add(j), k, _mm512_mul_ps(x, inv));

@@ -1,5 +1,18 @@
 //! Scalar math shared by the CPU kernels of this crate and its users.
 
+/// ln 2 split in two for an exact reduction `x − n·ln2` (Cephes).
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// `(e^r − 1 − r)/r²` on [−ln2/2, ln2/2], highest power first (Cephes' expf).
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// `exp(x)` for f32, branch-free so the loops around it vectorise (the masked-attention
 /// softmax, sgp-pma's GELU). Cephes-style: `x = n·ln2 + r`, degree-6 polynomial on `r`,
 /// relative error ~2e-7 on [−87, 88]; 0 below −87
@@ -7,8 +20,6 @@
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to nearest integer
     let xc = x.clamp(-87.0, 88.0);
     // t = n + 1.5·2^23 with n = round(xc·log2 e); its low mantissa bits hold n, so 2^n is
@@ -16,12 +27,10 @@ pub fn exp_f32(x: f32) -> f32 {
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let mut y = 1.987_569_1e-4_f32;
-    y = y * r + 1.398_199_9e-3;
-    y = y * r + 8.333_452e-3;
-    y = y * r + 4.166_579_6e-2;
-    y = y * r + 1.666_666_5e-1;
-    y = y * r + 0.5;
+    let mut y = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        y = y * r + c;
+    }
     y = y * r * r + r + 1.0;
     let biased_exponent = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
     let pow2n = f32::from_bits(biased_exponent << 23);
@@ -47,16 +56,26 @@ pub(crate) fn exp_x16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512
         xc,
         splat(std::f32::consts::LOG2_E),
     ));
-    let r = _mm512_fnmadd_ps(n, splat(0.693_359_4), xc);
-    let r = _mm512_fnmadd_ps(n, splat(-2.121_944_4e-4), r);
-    let mut y = splat(1.987_569_1e-4);
-    y = _mm512_fmadd_ps(y, r, splat(1.398_199_9e-3));
-    y = _mm512_fmadd_ps(y, r, splat(8.333_452e-3));
-    y = _mm512_fmadd_ps(y, r, splat(4.166_579_6e-2));
-    y = _mm512_fmadd_ps(y, r, splat(1.666_666_5e-1));
-    y = _mm512_fmadd_ps(y, r, splat(0.5));
+    let r = _mm512_fnmadd_ps(n, splat(LN2_HI), xc);
+    let r = _mm512_fnmadd_ps(n, splat(LN2_LO), r);
+    let mut y = splat(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        y = _mm512_fmadd_ps(y, r, splat(c));
+    }
     y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, r), r, r), splat(1.0));
     _mm512_scalef_ps(y, n)
+}
+
+/// The mask of a 16-lane step at `j` of a `len`-long row: all 16 lanes, or the tail's.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn lanes16(j: usize, len: usize) -> u16 {
+    let left = len - j;
+    if left >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << left) - 1
+    }
 }
 
 /// Whether the 16-lane kernels can run (AVX-512F, detected once at run time).

@@ -119,6 +119,9 @@ fn partition_rows(
 ) -> Vec<f32> {
     let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
     let (nh, nw) = (hp / ws, wp / ws);
+    if b * h * w * c == 0 {
+        return Vec::new(); // no values, or no windows (the row bands below must not be empty)
+    }
     let mut out = crate::OverwriteBuf::new(b * hp * wp * c);
     // One task per window row band of one image: nw windows × ws rows.
     out.slice()
@@ -211,16 +214,8 @@ pub fn window_partition_filled(x: &Tensor, ws: usize, fill: &[f32]) -> Result<(T
     };
     let src = crate::contiguous_f32("window partition", cpu, layout)?;
     let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
-    let out = if b * h * w * c == 0 {
-        Vec::new()
-    } else {
-        partition_rows(src, b, c, ws, (h, w), Some(fill))
-    };
-    let n = if c == 0 {
-        b * (hp / ws) * (wp / ws)
-    } else {
-        out.len() / (ws * ws * c)
-    };
+    let out = partition_rows(src, b, c, ws, (h, w), Some(fill));
+    let n = b * (hp / ws) * (wp / ws);
     Ok((Tensor::from_vec(out, (n, ws, ws, c), x.device())?, (hp, wp)))
 }
 

@@ -100,8 +100,7 @@ impl AdaptableLinear {
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
         {
-            let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-            if rows <= sgp_kernels::linear::FEW_ROWS && crate::ops::untracked_cpu_f32(&params) {
+            if rows(x) <= sgp_kernels::linear::FEW_ROWS && crate::ops::untracked_cpu_f32(&params) {
                 // A few rows (prompt tokens): gemm reads Wᵀ in place, where it would
                 // re-pack W on every call. Frozen weights only (a Var's `set` would
                 // leave the copy stale; it is tracked, so it never gets here).
@@ -135,19 +134,24 @@ impl AdaptableLinear {
             None => Ok(y),
         }
     }
-}
 
-impl AdaptableLinear {
+    /// Whether a fused inference kernel may replace `forward` (plus `extra`, an operand
+    /// of its own): no adapter, more than a few rows, every operand an untracked f32 CPU
+    /// tensor.
+    fn fusable(&self, x: &Tensor, extra: Option<&Tensor>) -> bool {
+        let params: Vec<&Tensor> = [x, &self.weight]
+            .into_iter()
+            .chain(self.bias.as_ref())
+            .chain(extra)
+            .collect();
+        self.adapter.is_none() && rows(x) > sgp_kernels::linear::FEW_ROWS && crate::ops::untracked_cpu_f32(&params)
+    }
+
     /// `act(self.forward(x))`. Without an adapter, on untracked f32 CPU inputs of more
     /// than a few rows, the bias and activation run in one in-place pass over the product
     /// (an MLP's first layer: Hiera's, memory attention's, the decoder's).
     pub fn forward_activated(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        let params: Vec<&Tensor> = std::iter::once(x)
-            .chain(Some(&self.weight))
-            .chain(self.bias.as_ref())
-            .collect();
-        if self.adapter.is_none() && rows > sgp_kernels::linear::FEW_ROWS && crate::ops::untracked_cpu_f32(&params) {
+        if self.fusable(x, None) {
             return sgp_kernels::linear::linear_activated(x, &self.weight, self.bias.as_ref(), act)
                 .map_err(crate::ops::kernel_err("linear"));
         }
@@ -173,17 +177,17 @@ impl AdaptableLinear {
     /// more than a few rows, the output starts as `residual + bias` and the product
     /// accumulates onto it (no separate add).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        let params: Vec<&Tensor> = [x, &self.weight, residual]
-            .into_iter()
-            .chain(self.bias.as_ref())
-            .collect();
-        if self.adapter.is_none() && rows > sgp_kernels::linear::FEW_ROWS && crate::ops::untracked_cpu_f32(&params) {
+        if self.fusable(x, Some(residual)) {
             return sgp_kernels::linear::linear_residual(x, &self.weight, self.bias.as_ref(), residual)
                 .map_err(crate::ops::kernel_err("linear"));
         }
         residual + self.forward(x)?
     }
+}
+
+/// The rows of `x` `[..., k]`: the product of its leading dims.
+fn rows(x: &Tensor) -> usize {
+    x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1)
 }
 
 impl Module for AdaptableLinear {
