@@ -1,6 +1,7 @@
 //! `cargo xtask bench <what>`: end-to-end benchmarks, reported beside the official PyTorch
 //! code where it applies. Kernel-level benchmarks are criterion benches in their crates.
 
+use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -58,6 +59,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The PyTorch side of a benchmark, under `tools/bench/`.
 pub fn pytorch_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench").join(name)
+}
+
+/// Has `script` (a PyTorch bench under `tools/bench`, run with `args`) write the official
+/// model's weights to `path` in a process of its own, which flushes them to disk before it
+/// exits. The timed PyTorch run is a later process: timing beside a 150 MB write-back
+/// once made PyTorch's 512-px encode 640 ms instead of 380, a ratio flattering us.
+pub fn write_pytorch_weights(python: &str, script: &str, args: &[String], path: &Path) -> anyhow::Result<()> {
+    let out = Command::new(python)
+        .arg(pytorch_script(script))
+        .args(args)
+        .arg("--write-weights")
+        .arg(path)
+        .output()
+        .with_context(|| format!("cannot run {python}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "writing the PyTorch weights failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    anyhow::ensure!(path.is_file(), "{script} wrote no weights to {}", path.display());
+    Ok(())
 }
 
 /// The thread count of a benchmark (`--threads`, else the machine's cores), set for candle's

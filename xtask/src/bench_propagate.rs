@@ -144,10 +144,12 @@ pub(crate) fn propagate_ms_per_slice(model: &Sam2Model, size: usize, slices: usi
     Ok(tracked.iter().sum::<f64>() / tracked.len().max(1) as f64)
 }
 
+pub(crate) const PROPAGATE_SCRIPT: &str = "propagate_pytorch_bench.py";
+
 /// Runs the PyTorch propagation script with `args`.
 pub(crate) fn python_bench(python: &str, args: &[String]) -> anyhow::Result<std::process::Output> {
     Command::new(python)
-        .arg(crate::bench::pytorch_script("propagate_pytorch_bench.py"))
+        .arg(crate::bench::pytorch_script(PROPAGATE_SCRIPT))
         .args(args)
         .output()
         .with_context(|| format!("cannot run {python}"))
@@ -181,24 +183,20 @@ fn run_python(
     mode: &str,
     weights: Option<&Path>,
 ) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = Command::new(&args.python);
-    cmd.arg(crate::bench::pytorch_script("propagate_pytorch_bench.py"))
-        .args([
-            "--config",
-            &args.config,
-            "--size",
-            &size.to_string(),
-            "--slices",
-            &slices.to_string(),
-        ])
-        .args(["--threads", &threads.to_string(), "--mode", mode]);
+    let model_args = [
+        "--config".to_string(),
+        args.config.clone(),
+        "--size".into(),
+        size.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+    ];
     if let Some(w) = weights {
-        cmd.arg("--write-weights").arg(w);
+        crate::bench::write_pytorch_weights(&args.python, PROPAGATE_SCRIPT, &model_args, w)?;
     }
-    last_json(
-        &cmd.output().with_context(|| format!("cannot run {}", args.python))?,
-        "PyTorch bench",
-    )
+    let mut run = model_args.to_vec();
+    run.extend(["--slices".into(), slices.to_string(), "--mode".into(), mode.into()]);
+    last_json(&python_bench(&args.python, &run)?, "PyTorch bench")
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

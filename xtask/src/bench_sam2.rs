@@ -2,10 +2,14 @@
 //! official PyTorch code on the same weights, in one run (the VM is noisy; compare ratios).
 //!
 //! For each size, `tools/bench/sam2_pytorch_bench.py` builds the official model (random
-//! weights), writes its state dict as safetensors, and times its stages; we then load
-//! those weights and time the same stages:
+//! weights) and writes its state dict as safetensors, then in a second process times its
+//! stages; we load those weights and time the same stages:
 //! - encode: `forward_image` + `_prepare_backbone_features` + `no_mem_embed` on `[1,3,S,S]`;
 //! - decode: `_forward_sam_heads` with a box prompt, multimask output, masks upsampled to S.
+//!
+//! `--rounds R` alternates the two sides R times (PyTorch, ours, PyTorch, ...) and reports
+//! each stage's median over the rounds, with the range of the per-round ratios of the
+//! totals: on a shared VM one side's single run was seen 50% off its usual time.
 //!
 //! Without a Python that has `sam2`, we time ours alone on random (untracked) weights.
 //! `--profile` adds a per-part breakdown (Hiera stages, neck, decoder parts) on both sides.
@@ -45,6 +49,9 @@ pub struct Args {
     /// Also time the parts (Hiera stages, neck, decoder pieces).
     #[arg(long)]
     profile: bool,
+    /// Rounds of (PyTorch, ours); each stage reports its median over the rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Folder for the exchanged weights (default: a temp folder; files are removed after use).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -52,6 +59,18 @@ pub struct Args {
 
 /// (stage, size) -> median ms.
 type Timings = BTreeMap<(String, usize), f64>;
+/// (stage, size) -> that stage's median ms in each round.
+type Rounds = BTreeMap<(String, usize), Vec<f64>>;
+
+fn add_round(all: &mut Rounds, round: Timings) {
+    for (k, ms) in round {
+        all.entry(k).or_default().push(ms);
+    }
+}
+
+fn medians(all: Rounds) -> Timings {
+    all.into_iter().map(|(k, v)| (k, median(v))).collect()
+}
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -79,16 +98,32 @@ pub(crate) fn time_ms<T>(warmup: usize, iters: usize, mut f: impl FnMut() -> any
 }
 
 /// Runs the PyTorch side for one size; writes weights to `weights` and returns its timings.
-fn run_pytorch(args: &Args, size: usize, threads: usize, weights: &Path) -> anyhow::Result<Timings> {
+/// The arguments that pick the official model (its weights follow from them and the seed).
+fn pytorch_model_args(args: &Args, size: usize, threads: usize) -> [String; 6] {
+    [
+        "--config".to_string(),
+        args.config.clone(),
+        "--size".into(),
+        size.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+    ]
+}
+
+const PYTORCH_SCRIPT: &str = "sam2_pytorch_bench.py";
+
+fn write_pytorch_weights(args: &Args, size: usize, threads: usize, weights: &Path) -> anyhow::Result<()> {
+    eprintln!("[{size}] PyTorch writes its weights ...");
+    let model_args = pytorch_model_args(args, size, threads);
+    crate::bench::write_pytorch_weights(&args.python, PYTORCH_SCRIPT, &model_args, weights)
+}
+
+fn run_pytorch(args: &Args, size: usize, threads: usize) -> anyhow::Result<Timings> {
     let mut cmd = Command::new(&args.python);
-    cmd.arg(crate::bench::pytorch_script("sam2_pytorch_bench.py"))
-        .args(["--config", &args.config])
-        .args(["--size", &size.to_string()])
-        .args(["--threads", &threads.to_string()])
+    cmd.arg(crate::bench::pytorch_script(PYTORCH_SCRIPT))
+        .args(pytorch_model_args(args, size, threads))
         .args(["--iters", &args.iters.to_string()])
-        .args(["--warmup", &args.warmup.to_string()])
-        .arg("--write-weights")
-        .arg(weights);
+        .args(["--warmup", &args.warmup.to_string()]);
     if args.profile {
         cmd.arg("--profile");
     }
@@ -294,8 +329,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let threads = candle_core::utils::get_num_threads();
-    if args.iters == 0 {
-        bail!("--iters must be at least 1");
+    if args.iters == 0 || args.rounds == 0 {
+        bail!("--iters and --rounds must be at least 1");
     }
     for &s in &args.sizes {
         if s == 0 || s % 32 != 0 {
@@ -313,25 +348,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join("sgp-bench-sam2"));
     std::fs::create_dir_all(&work_dir).with_context(|| format!("cannot create {}", work_dir.display()))?;
 
-    let mut ours = Timings::new();
-    let mut theirs = Timings::new();
+    let mut ours = Rounds::new();
+    let mut theirs = Rounds::new();
     for &size in &args.sizes {
         let cfg = base.clone().with_image_size(size)?;
-        let model = if python.is_ok() {
+        let (model, py_weights) = if python.is_ok() {
             let weights = work_dir.join(format!("{}_{size}.safetensors", args.config));
-            eprintln!("[{size}] PyTorch ({threads} threads) ...");
-            let res = run_pytorch(&args, size, threads, &weights);
-            let model = res.as_ref().ok().map(|_| Sam2Model::load(&cfg, &weights, &Device::Cpu));
+            let res = write_pytorch_weights(&args, size, threads, &weights)
+                .and_then(|()| Ok(Sam2Model::load(&cfg, &weights, &Device::Cpu)?));
             let _ = std::fs::remove_file(&weights);
-            theirs.extend(res?);
-            model.context("no weights from PyTorch")??
+            (res?, true)
         } else {
             // Untracked random weights: a model built on Vars would take the
             // differentiable paths and record a graph, and timing that says nothing.
-            crate::bench_propagate::load_model(&cfg, None)?
+            (crate::bench_propagate::load_model(&cfg, None)?, false)
         };
-        eprintln!("[{size}] ours ({threads} threads) ...");
-        ours.extend(run_ours(&args, &model, size)?);
+        for round in 1..=args.rounds {
+            if py_weights {
+                eprintln!(
+                    "[{size}] round {round}/{}: PyTorch ({threads} threads) ...",
+                    args.rounds
+                );
+                add_round(&mut theirs, run_pytorch(&args, size, threads)?);
+            }
+            eprintln!("[{size}] round {round}/{}: ours ({threads} threads) ...", args.rounds);
+            add_round(&mut ours, run_ours(&args, &model, size)?);
+        }
     }
 
     println!(
@@ -342,6 +384,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "{:<42} {:>6} {:>12} {:>12} {:>7}",
         "stage", "size", "ours ms", "PyTorch ms", "ratio"
     );
+    let per_round_ratios = |key: &(String, usize)| -> Option<String> {
+        let (o, p) = (ours.get(key)?, theirs.get(key)?);
+        let r: Vec<f64> = o.iter().zip(p).map(|(o, p)| o / p).collect();
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (r.len() > 1).then(|| format!("{lo:.2}–{hi:.2}"))
+    };
+    let ranges: BTreeMap<(String, usize), String> = ours
+        .keys()
+        .filter(|(s, _)| !s.starts_with(' '))
+        .filter_map(|k| Some((k.clone(), per_round_ratios(k)?)))
+        .collect();
+    let mut ours = medians(ours);
+    let mut theirs = medians(theirs);
     add_attention_core(&mut ours);
     add_attention_core(&mut theirs);
     let mut keys: Vec<&(String, usize)> = ours.keys().collect();
@@ -353,9 +409,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(p) => (format!("{p:.1}"), format!("{:.2}", o / p)),
             None => ("n/a".into(), "n/a".into()),
         };
-        println!("{:<42} {:>6} {:>12.1} {:>12} {:>7}", k.0, k.1, o, p, r);
+        let range = ranges.get(k).map(|r| format!("  (rounds {r})")).unwrap_or_default();
+        println!("{:<42} {:>6} {:>12.1} {:>12} {:>7}{range}", k.0, k.1, o, p, r);
     }
     println!("ratio = ours / PyTorch (lower is better for us)");
+    if args.rounds > 1 {
+        println!("each figure: the median over {} rounds of its side", args.rounds);
+    }
     Ok(())
 }
 

@@ -23,7 +23,9 @@ use sgp_memory::{
 };
 use sgp_sam2::Sam2Model;
 
-use crate::bench_propagate::{config, last_json, load_model, propagate_ms_per_slice, python_bench, RandomSlices};
+use crate::bench_propagate::{
+    config, last_json, load_model, propagate_ms_per_slice, python_bench, RandomSlices, PROPAGATE_SCRIPT,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -158,9 +160,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "--mode".into(),
                 "time".into(),
             ];
+            crate::bench::write_pytorch_weights(&args.python, PROPAGATE_SCRIPT, &base[..6], &weights)?;
             let mut sup = base.to_vec();
-            sup.extend(["--supports".into(), k.to_string(), "--write-weights".into()]);
-            sup.push(weights.display().to_string());
+            sup.extend(["--supports".into(), k.to_string()]);
             let s = last_json(&python_bench(&args.python, &sup)?, "PyTorch support bench")?;
             let p = last_json(&python_bench(&args.python, &base)?, "PyTorch propagation bench")?;
             (Some(s), p["ms_per_slice"].as_f64(), Some(weights.as_path()))

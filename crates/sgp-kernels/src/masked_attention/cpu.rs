@@ -156,6 +156,11 @@ use crate::math::exp_f32 as exp_nonpos;
 /// `row[j] = exp(row[j] - m)`, returning the sum.
 #[inline]
 fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::math::has_avx512() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { exp_shift_sum_avx512(row, m) };
+    }
     let mut acc = [0f32; 16];
     let mut chunks = row.chunks_exact_mut(16);
     for c in &mut chunks {
@@ -170,6 +175,26 @@ fn exp_shift_sum(row: &mut [f32], m: f32) -> f32 {
         sum += *v;
     }
     sum + acc.iter().sum::<f32>()
+}
+
+/// [`exp_shift_sum`] in 16 AVX-512 lanes (LLVM keeps the portable loop at 8 on CPUs that
+/// prefer 256-bit vectors). `m` is finite; a −∞ logit (a hard-masked key) gives 0.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shift_sum_avx512(row: &mut [f32], m: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let (p, n) = (row.as_mut_ptr(), row.len());
+    let mv = _mm512_set1_ps(m);
+    let mut acc = _mm512_setzero_ps();
+    for j in (0..n).step_by(16) {
+        let k = crate::math::lanes16(j, n);
+        // SAFETY: the lanes of `k` lie inside `row`.
+        let x = unsafe { _mm512_maskz_loadu_ps(k, p.add(j)) };
+        let e = crate::math::exp_x16(_mm512_sub_ps(x, mv));
+        unsafe { _mm512_mask_storeu_ps(p.add(j), k, e) };
+        acc = _mm512_mask_add_ps(acc, k, acc, e);
+    }
+    _mm512_reduce_add_ps(acc)
 }
 
 /// `row[j] += bias[j]`, returning the new maximum.
@@ -629,7 +654,38 @@ fn softmax_grad(p: &[f32], dp: &mut [f32], delta: &[f32], nq: usize, nk: usize, 
 
 #[cfg(test)]
 mod tests {
-    use super::{exp_nonpos, forward_rows_per_task};
+    use super::{exp_nonpos, exp_shift_sum, forward_rows_per_task};
+
+    #[test]
+    fn shifted_exponentials_and_their_sum_match_f64() {
+        // Lengths around the 16-lane vectors (masked tails), a −∞ (hard-masked) logit, and
+        // logits far below the max.
+        for n in [1usize, 15, 16, 21, 300] {
+            let logits: Vec<f32> = (0..n)
+                .map(|j| match j % 7 {
+                    3 => f32::NEG_INFINITY,
+                    5 => -90.0,
+                    _ => (j as f32 * 0.37).sin() * 6.0,
+                })
+                .collect();
+            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max).max(0.5);
+            let mut row = logits.clone();
+            let sum = exp_shift_sum(&mut row, m);
+            // Against exp of the f32 difference: its rounding is the caller's, not exp's.
+            let want: Vec<f64> = logits.iter().map(|&x| ((x - m) as f64).exp()).collect();
+            for (j, (&got, &w)) in row.iter().zip(&want).enumerate() {
+                assert!(
+                    (got as f64 - w).abs() <= 4e-7 * w.max(1e-30),
+                    "n {n}, key {j}: {got} vs {w}"
+                );
+            }
+            let want_sum: f64 = want.iter().sum();
+            assert!(
+                (sum as f64 - want_sum).abs() <= 1e-6 * want_sum,
+                "n {n}: {sum} vs {want_sum}"
+            );
+        }
+    }
 
     #[test]
     fn forward_tiles_shrink_until_every_thread_has_two_tasks() {
