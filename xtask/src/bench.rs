@@ -61,6 +61,21 @@ pub fn pytorch_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/bench").join(name)
 }
 
+/// The arguments that pick the official model in the PyTorch bench scripts (its random
+/// weights follow from them and the scripts' fixed seed).
+pub fn pytorch_model_args(config: &str, size: usize, threads: usize) -> Vec<String> {
+    [
+        "--config",
+        config,
+        "--size",
+        &size.to_string(),
+        "--threads",
+        &threads.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Has `script` (a PyTorch bench under `tools/bench`, run with `args`) write the official
 /// model's weights to `path` in a process of its own, which flushes them to disk before it
 /// exits. The timed PyTorch run is a later process: timing beside a 150 MB write-back

@@ -183,18 +183,10 @@ fn run_python(
     mode: &str,
     weights: Option<&Path>,
 ) -> anyhow::Result<serde_json::Value> {
-    let model_args = [
-        "--config".to_string(),
-        args.config.clone(),
-        "--size".into(),
-        size.to_string(),
-        "--threads".into(),
-        threads.to_string(),
-    ];
+    let mut run = crate::bench::pytorch_model_args(&args.config, size, threads);
     if let Some(w) = weights {
-        crate::bench::write_pytorch_weights(&args.python, PROPAGATE_SCRIPT, &model_args, w)?;
+        crate::bench::write_pytorch_weights(&args.python, PROPAGATE_SCRIPT, &run, w)?;
     }
-    let mut run = model_args.to_vec();
     run.extend(["--slices".into(), slices.to_string(), "--mode".into(), mode.into()]);
     last_json(&python_bench(&args.python, &run)?, "PyTorch bench")
 }

@@ -97,31 +97,19 @@ pub(crate) fn time_ms<T>(warmup: usize, iters: usize, mut f: impl FnMut() -> any
     Ok(median(ts))
 }
 
-/// Runs the PyTorch side for one size; writes weights to `weights` and returns its timings.
-/// The arguments that pick the official model (its weights follow from them and the seed).
-fn pytorch_model_args(args: &Args, size: usize, threads: usize) -> [String; 6] {
-    [
-        "--config".to_string(),
-        args.config.clone(),
-        "--size".into(),
-        size.to_string(),
-        "--threads".into(),
-        threads.to_string(),
-    ]
-}
-
 const PYTORCH_SCRIPT: &str = "sam2_pytorch_bench.py";
 
 fn write_pytorch_weights(args: &Args, size: usize, threads: usize, weights: &Path) -> anyhow::Result<()> {
     eprintln!("[{size}] PyTorch writes its weights ...");
-    let model_args = pytorch_model_args(args, size, threads);
+    let model_args = crate::bench::pytorch_model_args(&args.config, size, threads);
     crate::bench::write_pytorch_weights(&args.python, PYTORCH_SCRIPT, &model_args, weights)
 }
 
+/// Runs the PyTorch side for one size (one round) and returns its timings.
 fn run_pytorch(args: &Args, size: usize, threads: usize) -> anyhow::Result<Timings> {
     let mut cmd = Command::new(&args.python);
     cmd.arg(crate::bench::pytorch_script(PYTORCH_SCRIPT))
-        .args(pytorch_model_args(args, size, threads))
+        .args(crate::bench::pytorch_model_args(&args.config, size, threads))
         .args(["--iters", &args.iters.to_string()])
         .args(["--warmup", &args.warmup.to_string()]);
     if args.profile {
@@ -352,19 +340,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut theirs = Rounds::new();
     for &size in &args.sizes {
         let cfg = base.clone().with_image_size(size)?;
-        let (model, py_weights) = if python.is_ok() {
+        let model = if python.is_ok() {
             let weights = work_dir.join(format!("{}_{size}.safetensors", args.config));
             let res = write_pytorch_weights(&args, size, threads, &weights)
                 .and_then(|()| Ok(Sam2Model::load(&cfg, &weights, &Device::Cpu)?));
             let _ = std::fs::remove_file(&weights);
-            (res?, true)
+            res?
         } else {
             // Untracked random weights: a model built on Vars would take the
             // differentiable paths and record a graph, and timing that says nothing.
-            (crate::bench_propagate::load_model(&cfg, None)?, false)
+            crate::bench_propagate::load_model(&cfg, None)?
         };
         for round in 1..=args.rounds {
-            if py_weights {
+            if python.is_ok() {
                 eprintln!(
                     "[{size}] round {round}/{}: PyTorch ({threads} threads) ...",
                     args.rounds

@@ -148,20 +148,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for &size in &args.sizes {
         let weights = work.path().join(format!("weights_{size}.safetensors"));
         let (py_sup, py_prop, w) = if py {
-            let base = [
-                "--config".to_string(),
-                args.config.clone(),
-                "--size".into(),
-                size.to_string(),
-                "--slices".into(),
-                args.slices.to_string(),
-                "--threads".into(),
-                threads.to_string(),
-                "--mode".into(),
-                "time".into(),
-            ];
-            crate::bench::write_pytorch_weights(&args.python, PROPAGATE_SCRIPT, &base[..6], &weights)?;
-            let mut sup = base.to_vec();
+            let mut base = crate::bench::pytorch_model_args(&args.config, size, threads);
+            crate::bench::write_pytorch_weights(&args.python, PROPAGATE_SCRIPT, &base, &weights)?;
+            base.extend(["--slices", &args.slices.to_string(), "--mode", "time"].map(String::from));
+            let mut sup = base.clone();
             sup.extend(["--supports".into(), k.to_string()]);
             let s = last_json(&python_bench(&args.python, &sup)?, "PyTorch support bench")?;
             let p = last_json(&python_bench(&args.python, &base)?, "PyTorch propagation bench")?;
