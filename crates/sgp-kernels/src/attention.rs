@@ -73,6 +73,7 @@ pub(crate) fn view<'a>(name: &str, storage: &'a CpuStorage, layout: &Layout) -> 
 /// recomputed per query block, as flash attention does, so no `L×L` matrix outlives the
 /// forward) that produces the gradients of the tracked inputs only.
 pub fn attention_blhd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     if !q.device().is_cpu() || q.dtype() != DType::F32 || k.dtype() != DType::F32 || v.dtype() != DType::F32 {
         return Err(Error::Unsupported("attention: CPU f32 tensors only".into()));
     }
@@ -148,6 +149,7 @@ fn packed_views<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<[View<'a
 /// gradient of `qkv` is written as one packed buffer, where three `narrow`ed views would
 /// each cost candle a zero-padded full-size copy and an add in the backward pass.
 pub fn attention_qkv(qkv: &Tensor, pooled_q: Option<&Tensor>) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !f32_cpu(qkv) || pooled_q.is_some_and(|q| !f32_cpu(q)) {
         return Err(Error::Unsupported("attention: CPU f32 tensors only".into()));

@@ -168,6 +168,7 @@ fn candle_err(e: Error) -> candle_core::Error {
 /// `[B, C_in, H, W]` with `weight` `[C_out, C_in, kh, kw]` and `bias` `[C_out]`.
 /// Untracked f32 CPU tensors; returns `[B, C_out, H_o, W_o]`.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     crate::require_untracked_cpu_f32("conv2d", &[(x, "x"), (weight, "weight"), (bias, "bias")])?;
     ConvGeometry::new(x.dims(), weight.dims(), stride, padding)?;
     Ok(x.contiguous()?.apply_op3_no_bwd(
@@ -269,6 +270,7 @@ impl CustomOp3 for ConvTranspose2x2 {
 /// of every pixel, then one pass that interleaves them into `[B, C_out, 2H, 2W]` with the
 /// bias. Untracked f32 CPU tensors.
 pub fn conv_transpose_2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     crate::require_untracked_cpu_f32("conv_transpose 2x2", &[(x, "x"), (weight, "weight"), (bias, "bias")])?;
     Ok(x.contiguous()?
         .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &ConvTranspose2x2)?)
@@ -354,6 +356,7 @@ impl CustomOp1 for ChannelNorm<'_> {
 /// inside the square root, then `weight · x + bias` per channel) on `x` `[B, C, H, W]`,
 /// followed by the exact GELU when `gelu`. Untracked f32 CPU tensors.
 pub fn channel_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, gelu: bool) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     crate::require_untracked_cpu_f32("channel layer norm", &[(x, "x"), (weight, "weight"), (bias, "bias")])?;
     let weight: Vec<f32> = weight.flatten_all()?.to_vec1()?;
     let bias: Vec<f32> = bias.flatten_all()?.to_vec1()?;

@@ -73,6 +73,7 @@ unsafe fn gemm_rows(
 /// trunk under LoRA) would cost one full weight-gradient matmul per layer, and its
 /// gradient buffer would stay alive until the backward pass ends.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     let all_f32 = [Some(x), Some(weight), bias]
         .into_iter()
         .flatten()
@@ -108,6 +109,7 @@ pub fn linear_activated(
     bias: Option<&Tensor>,
     act: crate::activation::Activation,
 ) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     let tracked = any_tracked(&[Some(x), Some(weight), bias]);
     let all_f32 = [Some(x), Some(weight), bias]
         .into_iter()
@@ -127,6 +129,7 @@ pub fn linear_activated(
 /// skip costs no pass or buffer of its own. Shapes as [`linear`]; `residual` has the
 /// output's shape. Tracked inputs take [`linear`] and candle's add.
 pub fn linear_residual(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     let tracked = any_tracked(&[Some(x), Some(weight), bias, Some(residual)]);
     if tracked || !residual.device().is_cpu() || residual.dtype() != DType::F32 {
         return (residual + linear(x, weight, bias)?).map_err(Error::from);
@@ -324,6 +327,7 @@ pub const FEW_ROWS: usize = 16;
 /// `W` `[n, k]` it re-packs the whole weight on every call, which cost the decoder's
 /// 7-row 256→2048 MLP layer three times its arithmetic; `Wᵀ` it reads in place.
 pub fn linear_transposed(x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     let mut inputs = vec![(x, "x"), (weight_t, "weight_t")];
     if let Some(b) = bias {
         inputs.push((b, "bias"));

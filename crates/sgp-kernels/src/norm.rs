@@ -179,6 +179,7 @@ impl CustomOp3 for LayerNormBackward {
 /// (biased variance, `eps` inside the square root, as `nn.LayerNorm`). f32 CPU tensors;
 /// differentiable with respect to every tracked input.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     let f32_cpu = [x, weight, bias]
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);

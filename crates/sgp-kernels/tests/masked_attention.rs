@@ -514,12 +514,20 @@ fn backward_is_independent_of_the_thread_pool() -> R<()> {
 
 /// The forward-only plain attention with values narrower, as wide as, and wider than the
 /// keys, against matmul → softmax → matmul; lengths cross the 64/128/256-row query tiles
-/// and the 256-key tiles.
+/// and the 256-key tiles (and, on AVX-512 CPUs, the 64-query panels, 16-query vectors and
+/// 6-column micro-tiles of its kernel there; the last shape is SAM2's memory attention,
+/// one 256-wide head over 64-channel values, with ragged ends).
 #[test]
 fn plain_attention_matches_the_composition_for_any_value_width() -> R<()> {
     use sgp_kernels::masked_attention::attention_inference;
     let mut rng = StdRng::seed_from_u64(11);
-    for &(b, h, lq, lk, d, dv) in &[(1, 1, 300, 600, 32, 8), (2, 2, 65, 257, 16, 16), (1, 3, 7, 5, 8, 24)] {
+    for &(b, h, lq, lk, d, dv) in &[
+        (1, 1, 300, 600, 32, 8),
+        (2, 2, 65, 257, 16, 16),
+        (1, 3, 7, 5, 8, 24),
+        (1, 1, 1, 1, 4, 1),
+        (1, 1, 530, 1031, 256, 64),
+    ] {
         let q = randn(&mut rng, &[b, h, lq, d], 2.0)?;
         let k = randn(&mut rng, &[b, h, lk, d], 2.0)?;
         let v = randn(&mut rng, &[b, h, lk, dv], 1.0)?;

@@ -51,8 +51,10 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Layer norm over the last dimension with affine weight and bias.
 pub fn layer_norm_last_dim(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let tracked = x.track_op() || weight.track_op() || bias.track_op();
-    if tracked && x.device().is_cpu() && [x, weight, bias].iter().all(|t| t.dtype() == DType::F32) {
-        // Training on the CPU: one pass each way (candle's composition is ~20 ops).
+    if x.device().is_cpu() && [x, weight, bias].iter().all(|t| t.dtype() == DType::F32) {
+        // One pass each way in training (candle's composition is ~20 ops). In inference
+        // too: candle's fast kernel zeroes its output on the calling thread before its
+        // parallel pass, and its one-pass variance is further from PyTorch's two passes.
         return sgp_kernels::norm::layer_norm(x, weight, bias, eps).map_err(kernel_err("layer norm"));
     }
     // The fast kernel has no f64 CPU version; the composition handles every dtype.

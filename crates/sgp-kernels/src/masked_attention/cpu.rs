@@ -236,7 +236,7 @@ pub(crate) fn forward(pr: &Problem, with_lse: bool) -> Vec<f32> {
 }
 
 /// The largest row tile that still gives every thread at least two tasks.
-fn forward_rows_per_task(heads: usize, lq: usize, threads: usize) -> usize {
+pub(crate) fn forward_rows_per_task(heads: usize, lq: usize, threads: usize) -> usize {
     FWD_BQ_CHOICES
         .into_iter()
         .find(|&bq| heads * lq.div_ceil(bq) >= 2 * threads)

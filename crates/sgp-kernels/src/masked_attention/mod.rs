@@ -42,6 +42,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(target_arch = "x86_64")]
+mod plain_avx512;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
 
@@ -227,6 +229,7 @@ pub fn masked_attention(
     p: &Tensor,
     opts: &MaskedAttentionOptions,
 ) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     let dims = validate(q, k, v, p, opts)?;
     let _span = tracing::trace_span!(
         "masked_attention",
@@ -279,6 +282,7 @@ pub fn masked_attention(
 /// Untracked f32 CPU tensors only (it records no backward); training keeps
 /// [`masked_attention`] or candle's ops.
 pub fn attention_inference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    crate::runtime::keep_workers_awake();
     crate::require_untracked_cpu_f32("attention_inference", &[(q, "q"), (k, "k"), (v, "v")])?;
     let (b, h, lq, d) = q
         .dims4()
@@ -299,6 +303,21 @@ pub fn attention_inference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>
     }
     if lk == 0 {
         return Err(shape_err("attention over zero keys".into()));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::math::has_avx512() {
+        let op = PlainAttentionAvx512 {
+            b,
+            h,
+            lq,
+            lk,
+            d,
+            dv,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        return Ok(q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?);
     }
     let kv = Tensor::cat(&[k, v], 3)?.contiguous()?;
     let op = PlainAttention {
@@ -363,6 +382,62 @@ impl CustomOp2 for PlainAttention {
             bias_per_query: false,
         };
         Ok((CpuStorage::F32(cpu::forward(&pr, false)), Shape::from((b, h, lq, dv))))
+    }
+}
+
+/// The forward-only op of [`attention_inference`] over `(q, k, v)` on AVX-512 CPUs (see
+/// `plain_avx512`: no packing, no `cat`).
+#[cfg(target_arch = "x86_64")]
+struct PlainAttentionAvx512 {
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+    dv: usize,
+    scale: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl candle_core::CustomOp3 for PlainAttentionAvx512 {
+    fn name(&self) -> &'static str {
+        "sgp-plain-attention-avx512"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Self {
+            b,
+            h,
+            lq,
+            lk,
+            d,
+            dv,
+            scale,
+        } = *self;
+        check_shape(l1, &Shape::from((b, h, lq, d)), "q")?;
+        check_shape(l2, &Shape::from((b, h, lk, d)), "k")?;
+        check_shape(l3, &Shape::from((b, h, lk, dv)), "v")?;
+        let pr = plain_avx512::Plain {
+            b,
+            h,
+            lq,
+            lk,
+            d,
+            dv,
+            scale,
+            q: cpu_f32(s1, l1, "q")?,
+            k: cpu_f32(s2, l2, "k")?,
+            v: cpu_f32(s3, l3, "v")?,
+        };
+        Ok((CpuStorage::F32(plain_avx512::forward(&pr)), Shape::from((b, h, lq, dv))))
     }
 }
 
