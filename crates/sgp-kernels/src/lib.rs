@@ -51,6 +51,7 @@ pub mod linear;
 pub mod masked_attention;
 pub mod math;
 pub mod norm;
+pub mod optim;
 pub mod pool;
 pub mod resize;
 pub mod rope;

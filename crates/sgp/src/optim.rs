@@ -194,8 +194,8 @@ impl AdamW {
         let mut grads: Vec<Option<Tensor>> = Vec::with_capacity(self.vars.len());
         for slot in self.pending.iter_mut() {
             grads.push(match slot.take() {
-                Some(g) => Some((g * scale)?),
-                None => None,
+                Some(g) if scale != 1.0 => Some((g * scale)?),
+                other => other,
             });
         }
         self.pending_count = 0;
@@ -217,6 +217,26 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(t);
         for ((g, (_, var)), mom) in grads.iter().zip(&self.vars).zip(self.moments.iter_mut()) {
             let theta = var.as_tensor();
+            if let Some(g) = g {
+                // f32 on the CPU: one pass, the parameter updated in place.
+                let step = sgp_kernels::optim::AdamWStep {
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    grad_scale: clip,
+                    lr,
+                    weight_decay: c.weight_decay,
+                    bias_correction1: bc1,
+                    bias_correction2: bc2,
+                    eps: c.eps,
+                };
+                let fused = sgp_kernels::optim::adamw_step(theta, &mom.m, &mom.v, g, &step)
+                    .map_err(|e| candle_core::Error::Msg(format!("optimiser update: {e}")))?;
+                if let Some((m, v)) = fused {
+                    mom.m = m;
+                    mom.v = v;
+                    continue;
+                }
+            }
             let g = match g {
                 Some(g) if clip != 1.0 => (g * clip)?,
                 Some(g) => g.clone(),
@@ -287,7 +307,12 @@ impl AdamW {
 pub fn global_norm<'a>(grads: impl Iterator<Item = &'a Tensor>) -> Result<f64> {
     let mut sum = 0.0f64;
     for g in grads {
-        sum += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        let fused =
+            sgp_kernels::optim::sum_squares(g).map_err(|e| candle_core::Error::Msg(format!("gradient norm: {e}")))?;
+        sum += match fused {
+            Some(s) => s,
+            None => g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?,
+        };
     }
     Ok(sum.sqrt())
 }
@@ -362,6 +387,48 @@ mod tests {
             }
         }
         assert_eq!(opt.step(), 3);
+    }
+
+    /// f32 parameters on the CPU take the fused update: the same steps as the f64 ones
+    /// (which take the tensor ops), clipping included, to f32 precision.
+    #[test]
+    fn fused_f32_update_follows_the_tensor_op_update() {
+        let cfg = AdamWConfig {
+            lr: 0.05,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let flat = Schedule {
+            warmup_steps: 0,
+            total_steps: 0,
+            min_ratio: 1.0,
+        };
+        let start = [0.5f64, -1.5, 2.0, 0.25];
+        let x64 = var(&start);
+        let x32 = Var::from_tensor(&x64.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+        let mut o64 = AdamW::new(vec![("x".into(), x64.clone())], cfg, flat, Some(3.0), 1).unwrap();
+        let mut o32 = AdamW::new(vec![("x".into(), x32.clone())], cfg, flat, Some(3.0), 1).unwrap();
+        for step in 0..5 {
+            let l64 = x64.as_tensor().powf(3.0).unwrap().sum_all().unwrap();
+            let l32 = x32.as_tensor().powf(3.0).unwrap().sum_all().unwrap();
+            let n64 = o64.accumulate(&l64.backward().unwrap()).unwrap().grad_norm.unwrap();
+            let n32 = o32.accumulate(&l32.backward().unwrap()).unwrap().grad_norm.unwrap();
+            assert!((n64 - n32).abs() <= 1e-4 * n64, "step {step}: norms {n64} / {n32}");
+            let (a, b) = (values(&x64), x32.as_tensor().to_vec1::<f32>().unwrap());
+            for (a, b) in a.iter().zip(&b) {
+                assert!((a - f64::from(*b)).abs() < 1e-5, "step {step}: {a} vs {b}");
+            }
+        }
+        // The moments it keeps are the tensor-op ones too.
+        let (s64, _) = o64.state();
+        let (s32, _) = o32.state();
+        for key in ["x.m", "x.v"] {
+            let a: Vec<f64> = s64[key].to_vec1().unwrap();
+            let b: Vec<f32> = s32[key].to_vec1().unwrap();
+            for (a, b) in a.iter().zip(&b) {
+                assert!((a - f64::from(*b)).abs() <= 1e-5 * a.abs().max(1.0), "{key}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

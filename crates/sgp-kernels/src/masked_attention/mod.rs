@@ -425,6 +425,7 @@ impl candle_core::CustomOp3 for PlainAttentionAvx512 {
         check_shape(l1, &Shape::from((b, h, lq, d)), "q")?;
         check_shape(l2, &Shape::from((b, h, lk, d)), "k")?;
         check_shape(l3, &Shape::from((b, h, lk, dv)), "v")?;
+        use plain_avx512::Operand;
         let pr = plain_avx512::Plain {
             b,
             h,
@@ -433,11 +434,12 @@ impl candle_core::CustomOp3 for PlainAttentionAvx512 {
             d,
             dv,
             scale,
-            q: cpu_f32(s1, l1, "q")?,
-            k: cpu_f32(s2, l2, "k")?,
-            v: cpu_f32(s3, l3, "v")?,
+            q: Operand::bhld(cpu_f32(s1, l1, "q")?, h, lq, d),
+            k: Operand::bhld(cpu_f32(s2, l2, "k")?, h, lk, d),
+            v: Operand::bhld(cpu_f32(s3, l3, "v")?, h, lk, dv),
         };
-        Ok((CpuStorage::F32(plain_avx512::forward(&pr)), Shape::from((b, h, lq, dv))))
+        let out = plain_avx512::forward(&pr);
+        Ok((CpuStorage::F32(out), Shape::from((b, h, lq, dv))))
     }
 }
 

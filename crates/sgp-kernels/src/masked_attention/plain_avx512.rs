@@ -33,7 +33,38 @@ const BK: usize = 256;
 /// The micro-kernels, `[mr/16 - 1][nr - 1]` (the `gemm` crate's own dispatch table).
 use gemm_f32::microkernel::avx512f::f32::UKR;
 
-/// Inputs of [`forward`], all contiguous row-major f32.
+/// One operand of [`forward`]: rows of contiguous f32 values, row `i` of head `hi` in
+/// batch `bi` at `offset + bi·batch + hi·head + i·row` of `data`.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    pub data: &'a [f32],
+    pub offset: usize,
+    pub batch: usize,
+    pub head: usize,
+    pub row: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A contiguous `[B,H,L,width]` tensor.
+    pub(crate) fn bhld(data: &'a [f32], h: usize, l: usize, width: usize) -> Self {
+        Self {
+            data,
+            offset: 0,
+            batch: h * l * width,
+            head: l * width,
+            row: width,
+        }
+    }
+
+    /// `rows` rows of `width` values from row `i0` of head (bi, hi); panics outside `data`.
+    fn rows(&self, bi: usize, hi: usize, i0: usize, rows: usize, width: usize) -> &'a [f32] {
+        let start = self.offset + bi * self.batch + hi * self.head + i0 * self.row;
+        let end = start + (rows.max(1) - 1) * self.row + width;
+        &self.data[start..end]
+    }
+}
+
+/// Sizes and operands of [`forward`].
 pub(crate) struct Plain<'a> {
     pub b: usize,
     pub h: usize,
@@ -42,33 +73,59 @@ pub(crate) struct Plain<'a> {
     pub d: usize,
     pub dv: usize,
     pub scale: f32,
-    /// `[B,H,Lq,D]`
-    pub q: &'a [f32],
-    /// `[B,H,Lk,D]`
-    pub k: &'a [f32],
-    /// `[B,H,Lk,Dv]`
-    pub v: &'a [f32],
+    pub q: Operand<'a>,
+    pub k: Operand<'a>,
+    pub v: Operand<'a>,
 }
 
-/// `[B,H,Lq,Dv]`. The caller checks the CPU has AVX-512F, `lk > 0` and the slice lengths.
+/// The attention of every head, `[B,H,Lq,Dv]`.
+///
+/// # Panics
+/// Without AVX-512F, with `lk == 0`, or with an operand row outside its buffer.
 pub(crate) fn forward(pr: &Plain) -> Vec<f32> {
-    let (lq, dv) = (pr.lq, pr.dv);
-    assert_eq!(pr.q.len(), pr.b * pr.h * lq * pr.d);
-    assert_eq!(pr.k.len(), pr.b * pr.h * pr.lk * pr.d);
-    assert_eq!(pr.v.len(), pr.b * pr.h * pr.lk * dv);
-    assert!(pr.lk > 0 && crate::math::has_avx512());
-    let mut out = vec![0f32; pr.b * pr.h * lq * dv];
-    if out.is_empty() {
-        return out;
+    let (b, h, lq, lk, d, dv) = (pr.b, pr.h, pr.lq, pr.lk, pr.d, pr.dv);
+    assert!(lk > 0 && crate::math::has_avx512());
+    let total = b * h * lq * dv;
+    if total == 0 {
+        return Vec::new();
     }
-    let bq = super::cpu::forward_rows_per_task(pr.b * pr.h, lq, rayon::current_num_threads());
-    out.par_chunks_mut(lq * dv).enumerate().for_each(|(bh, out_bh)| {
-        out_bh.par_chunks_mut(bq * dv).enumerate().for_each(|(qt, out_tile)| {
-            // SAFETY: AVX-512F is present (asserted above); the tile lies inside head bh.
-            unsafe { tile(pr, bh, qt * bq, out_tile) }
-        })
-    });
-    out
+    // Every operand row any task reads lies in its buffer.
+    for (op, rows, width) in [(&pr.q, lq, d), (&pr.k, lk, d), (&pr.v, lk, dv)] {
+        let _ = op.rows(b - 1, h - 1, 0, rows, width);
+    }
+    let bq = super::cpu::forward_rows_per_task(b * h, lq, rayon::current_num_threads());
+    let q_tiles = lq.div_ceil(bq);
+    // Every output row is written by exactly one task.
+    let mut out = crate::OverwriteBuf::new(total);
+    let out_ptr = out.ptr();
+    (0..b * h * q_tiles)
+        .into_par_iter()
+        .for_each_init(Scratch::default, |scratch, task| {
+            let (bh, qt) = (task / q_tiles, task % q_tiles);
+            let (bi, hi) = (bh / h, bh % h);
+            let q0 = qt * bq;
+            let nq = bq.min(lq - q0);
+            // SAFETY: AVX-512F is present (asserted above); the rows q0..q0+nq of head
+            // (bi, hi) are this task's alone and lie inside `out`.
+            unsafe { tile(pr, bi, hi, q0, nq, out_ptr.get().add((bh * lq + q0) * dv), scratch) }
+        });
+    // SAFETY: the tasks cover every (batch, head, query) row.
+    unsafe { out.assume_init() }
+}
+
+/// A task's tiles, kept across the tasks of one thread.
+#[derive(Default)]
+struct Scratch {
+    qp: Vec<f32>,
+    s: Vec<f32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+fn reset(v: &mut Vec<f32>, len: usize, value: f32) {
+    v.clear();
+    v.resize(len, value);
 }
 
 /// One micro-kernel call: `dst (m×n, rows contiguous, columns dst_cs apart) = or +=
@@ -117,29 +174,32 @@ unsafe fn micro(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile(pr: &Plain, bh: usize, q0: usize, out_tile: &mut [f32]) {
-    let (lq, lk, d, dv) = (pr.lq, pr.lk, pr.d, pr.dv);
-    let nq = out_tile.len() / dv;
+unsafe fn tile(pr: &Plain, bi: usize, hi: usize, q0: usize, nq: usize, out: *mut f32, scratch: &mut Scratch) {
+    let (lk, d, dv) = (pr.lk, pr.d, pr.dv);
     let panels = nq.div_ceil(MR);
     // Query stride of the score and accumulator tiles (whole panels, so the micro-kernel
     // may read a last panel's unused rows).
     let ld = panels * MR;
-    let q = &pr.q[(bh * lq + q0) * d..(bh * lq + q0 + nq) * d];
-    let k = &pr.k[bh * lk * d..(bh + 1) * lk * d];
-    let v = &pr.v[bh * lk * dv..(bh + 1) * lk * dv];
+    let q = pr.q.rows(bi, hi, q0, nq, d);
+    let k = pr.k.rows(bi, hi, 0, lk, d);
+    let v = pr.v.rows(bi, hi, 0, lk, dv);
+    let (k_rs, v_rs) = (pr.k.row, pr.v.row);
+    let Scratch { qp, s, acc, m, l } = scratch;
     // Q as 64-query panels, one column per channel: qp[panel][c][row].
-    let mut qp = vec![0f32; panels * d * MR];
-    for (i, qi) in q.chunks_exact(d).enumerate() {
+    reset(qp, panels * d * MR, 0.0);
+    for i in 0..nq {
+        let qi = &q[i * pr.q.row..i * pr.q.row + d];
         let panel = &mut qp[(i / MR) * d * MR..];
         for (c, &x) in qi.iter().enumerate() {
             panel[c * MR + i % MR] = x;
         }
     }
-    let mut s = vec![0f32; BK * ld];
-    let mut acc = vec![0f32; dv * ld];
-    let mut m = vec![f32::NEG_INFINITY; ld];
-    let mut l = vec![0f32; ld];
+    reset(s, BK * ld, 0.0);
+    reset(acc, dv * ld, 0.0);
+    reset(m, ld, f32::NEG_INFINITY);
+    reset(l, ld, 0.0);
     for k0 in (0..lk).step_by(BK) {
         let nk = BK.min(lk - k0);
         // sᵀ = scale · K Qᵀ: keys down, queries across.
@@ -157,9 +217,9 @@ unsafe fn tile(pr: &Plain, bh: usize, q0: usize, out_tile: &mut [f32]) {
                         false,
                         qp.as_ptr().add(p * d * MR),
                         MR,
-                        k.as_ptr().add((k0 + j0) * d),
+                        k.as_ptr().add((k0 + j0) * k_rs),
                         1,
-                        d,
+                        k_rs,
                         pr.scale,
                     )
                 };
@@ -209,8 +269,8 @@ unsafe fn tile(pr: &Plain, bh: usize, q0: usize, out_tile: &mut [f32]) {
                         true,
                         s.as_ptr().add(p * MR),
                         ld,
-                        v.as_ptr().add(k0 * dv + c0),
-                        dv,
+                        v.as_ptr().add(k0 * v_rs + c0),
+                        v_rs,
                         1,
                         1.0,
                     )
@@ -218,9 +278,11 @@ unsafe fn tile(pr: &Plain, bh: usize, q0: usize, out_tile: &mut [f32]) {
             }
         }
     }
-    for (i, o) in out_tile.chunks_exact_mut(dv).enumerate() {
+    for i in 0..nq {
         // l ≥ 1 for finite scores: the row's maximum contributes exp(0).
         let inv = if l[i] > 0.0 { 1.0 / l[i] } else { 0.0 };
+        // SAFETY: the caller gives this task rows 0..nq of dv contiguous values.
+        let o = unsafe { std::slice::from_raw_parts_mut(out.add(i * dv), dv) };
         for (c, o) in o.iter_mut().enumerate() {
             *o = acc[c * ld + i] * inv;
         }
