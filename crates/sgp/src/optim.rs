@@ -426,7 +426,10 @@ mod tests {
             let a: Vec<f64> = s64[key].to_vec1().unwrap();
             let b: Vec<f32> = s32[key].to_vec1().unwrap();
             for (a, b) in a.iter().zip(&b) {
-                assert!((a - f64::from(*b)).abs() <= 1e-5 * a.abs().max(1.0), "{key}: {a} vs {b}");
+                assert!(
+                    (a - f64::from(*b)).abs() <= 1e-5 * a.abs().max(1.0),
+                    "{key}: {a} vs {b}"
+                );
             }
         }
     }

@@ -304,22 +304,6 @@ pub fn attention_inference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>
     if lk == 0 {
         return Err(shape_err("attention over zero keys".into()));
     }
-    #[cfg(target_arch = "x86_64")]
-    if crate::math::has_avx512() {
-        let op = PlainAttentionAvx512 {
-            b,
-            h,
-            lq,
-            lk,
-            d,
-            dv,
-            scale: 1.0 / (d as f32).sqrt(),
-        };
-        return Ok(q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?);
-    }
-    let kv = Tensor::cat(&[k, v], 3)?.contiguous()?;
     let op = PlainAttention {
         b,
         h,
@@ -329,10 +313,20 @@ pub fn attention_inference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>
         dv,
         scale: 1.0 / (d as f32).sqrt(),
     };
+    #[cfg(target_arch = "x86_64")]
+    if crate::math::has_avx512() {
+        return Ok(q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?);
+    }
+    let kv = Tensor::cat(&[k, v], 3)?.contiguous()?;
     Ok(q.contiguous()?.apply_op2_no_bwd(&kv, &op)?)
 }
 
-/// The forward-only op of [`attention_inference`] over `(q, cat(k, v))`.
+/// The forward-only op of [`attention_inference`]: over `(q, cat(k, v))` through the
+/// general kernel, or over `(q, k, v)` on AVX-512 CPUs (`plain_avx512`: no packing, no
+/// `cat`).
+#[derive(Clone, Copy)]
 struct PlainAttention {
     b: usize,
     h: usize,
@@ -385,21 +379,8 @@ impl CustomOp2 for PlainAttention {
     }
 }
 
-/// The forward-only op of [`attention_inference`] over `(q, k, v)` on AVX-512 CPUs (see
-/// `plain_avx512`: no packing, no `cat`).
 #[cfg(target_arch = "x86_64")]
-struct PlainAttentionAvx512 {
-    b: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    d: usize,
-    dv: usize,
-    scale: f32,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl candle_core::CustomOp3 for PlainAttentionAvx512 {
+impl candle_core::CustomOp3 for PlainAttention {
     fn name(&self) -> &'static str {
         "sgp-plain-attention-avx512"
     }

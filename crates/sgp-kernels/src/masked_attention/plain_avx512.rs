@@ -128,49 +128,59 @@ fn reset(v: &mut Vec<f32>, len: usize, value: f32) {
     v.resize(len, value);
 }
 
-/// One micro-kernel call: `dst (m×n, rows contiguous, columns dst_cs apart) = or +=
-/// beta · lhs · rhs`, where `lhs` holds 64-row columns `lhs_cs` apart (rows past `m` are
-/// read but unused) and `rhs` is k×n with strides `rhs_rs`, `rhs_cs`.
+/// `dst[c][i] = (or +=) beta · Σ_t lhs[t][i] · rhs[t][c]` for `rows` rows `i` and `cols`
+/// columns `c`, through the micro-kernel: the rows in 64-row panels, the columns in groups
+/// of 6. `dst` column c starts at `c·ld` (rows contiguous). `lhs` is `(base, panel
+/// stride, column stride)`: panel p's 64 rows of depth t start at `base + p·panel + t·cs`
+/// (rows past `rows` in a last panel are read, not used). `rhs` is `(base, depth stride,
+/// column stride)`.
+///
+/// # Safety
+/// AVX-512F; every element so addressed lies in its buffer.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn micro(
-    m: usize,
-    n: usize,
-    k: usize,
+unsafe fn panel_product(
+    rows: usize,
+    cols: usize,
+    depth: usize,
     dst: *mut f32,
-    dst_cs: usize,
+    ld: usize,
     accumulate: bool,
-    lhs: *const f32,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
+    (lhs, lhs_panel, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
     beta: f32,
 ) {
     let (alpha, alpha_status) = if accumulate { (1.0, 1) } else { (0.0, 0) };
-    // SAFETY: the caller keeps every pointer inside its buffer for these sizes; the
-    // kernel reads m.div_ceil(16) vectors of each lhs column and writes only m×n.
-    unsafe {
-        UKR[m.div_ceil(16) - 1][n - 1](
-            m,
-            n,
-            k,
-            dst,
-            lhs,
-            rhs,
-            dst_cs as isize,
-            1,
-            lhs_cs as isize,
-            rhs_rs as isize,
-            rhs_cs as isize,
-            alpha,
-            beta,
-            alpha_status,
-            false,
-            false,
-            false,
-            lhs,
-        )
+    for p in 0..rows.div_ceil(MR) {
+        let m = MR.min(rows - p * MR);
+        for c0 in (0..cols).step_by(NR) {
+            let n = NR.min(cols - c0);
+            // SAFETY: the caller's bounds; the kernel reads m.div_ceil(16) vectors of each
+            // lhs column and writes only the m×n block.
+            unsafe {
+                let panel = lhs.add(p * lhs_panel);
+                UKR[m.div_ceil(16) - 1][n - 1](
+                    m,
+                    n,
+                    depth,
+                    dst.add(c0 * ld + p * MR),
+                    panel,
+                    rhs.add(c0 * rhs_cs),
+                    ld as isize,
+                    1,
+                    lhs_cs as isize,
+                    rhs_rs as isize,
+                    rhs_cs as isize,
+                    alpha,
+                    beta,
+                    alpha_status,
+                    false,
+                    false,
+                    false,
+                    panel,
+                )
+            }
+        }
     }
 }
 
@@ -203,28 +213,21 @@ unsafe fn tile(pr: &Plain, bi: usize, hi: usize, q0: usize, nq: usize, out: *mut
     for k0 in (0..lk).step_by(BK) {
         let nk = BK.min(lk - k0);
         // sᵀ = scale · K Qᵀ: keys down, queries across.
-        for p in 0..panels {
-            let rows = MR.min(nq - p * MR);
-            for j0 in (0..nk).step_by(NR) {
-                // SAFETY: s holds BK rows of ld; K rows k0+j0.. of d values lie in k.
-                unsafe {
-                    micro(
-                        rows,
-                        NR.min(nk - j0),
-                        d,
-                        s.as_mut_ptr().add(j0 * ld + p * MR),
-                        ld,
-                        false,
-                        qp.as_ptr().add(p * d * MR),
-                        MR,
-                        k.as_ptr().add((k0 + j0) * k_rs),
-                        1,
-                        k_rs,
-                        pr.scale,
-                    )
-                };
-            }
-        }
+        // SAFETY: s holds BK rows of ld; K rows k0..k0+nk of d values lie in k; qp holds
+        // the panels.
+        unsafe {
+            panel_product(
+                nq,
+                nk,
+                d,
+                s.as_mut_ptr(),
+                ld,
+                false,
+                (qp.as_ptr(), d * MR, MR),
+                (k.as_ptr().add(k0 * k_rs), 1, k_rs),
+                pr.scale,
+            )
+        };
         // Online softmax, 16 queries per vector.
         for g in (0..nq).step_by(16) {
             let (sp, mp, lp) = (s.as_mut_ptr(), m.as_mut_ptr(), l.as_mut_ptr());
@@ -255,28 +258,21 @@ unsafe fn tile(pr: &Plain, bi: usize, hi: usize, q0: usize, nq: usize, out: *mut
             }
         }
         // accᵀ += Vᵀ Pᵀ: channels across, queries down.
-        for p in 0..panels {
-            let rows = MR.min(nq - p * MR);
-            for c0 in (0..dv).step_by(NR) {
-                // SAFETY: acc holds dv rows of ld; V rows k0.. of dv values lie in v.
-                unsafe {
-                    micro(
-                        rows,
-                        NR.min(dv - c0),
-                        nk,
-                        acc.as_mut_ptr().add(c0 * ld + p * MR),
-                        ld,
-                        true,
-                        s.as_ptr().add(p * MR),
-                        ld,
-                        v.as_ptr().add(k0 * v_rs + c0),
-                        v_rs,
-                        1,
-                        1.0,
-                    )
-                };
-            }
-        }
+        // SAFETY: acc holds dv rows of ld; s holds nk rows of ld; V rows k0..k0+nk of dv
+        // values lie in v.
+        unsafe {
+            panel_product(
+                nq,
+                dv,
+                nk,
+                acc.as_mut_ptr(),
+                ld,
+                true,
+                (s.as_ptr(), MR, ld),
+                (v.as_ptr().add(k0 * v_rs), v_rs, 1),
+                1.0,
+            )
+        };
     }
     for i in 0..nq {
         // l ≥ 1 for finite scores: the row's maximum contributes exp(0).
