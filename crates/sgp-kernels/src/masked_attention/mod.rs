@@ -395,18 +395,11 @@ impl candle_core::CustomOp3 for PlainAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let Self {
-            b,
-            h,
-            lq,
-            lk,
-            d,
-            dv,
-            scale,
+            b, h, lq, lk, d, dv, ..
         } = *self;
         check_shape(l1, &Shape::from((b, h, lq, d)), "q")?;
         check_shape(l2, &Shape::from((b, h, lk, d)), "k")?;
         check_shape(l3, &Shape::from((b, h, lk, dv)), "v")?;
-        use plain_avx512::Operand;
         let pr = plain_avx512::Plain {
             b,
             h,
@@ -414,10 +407,10 @@ impl candle_core::CustomOp3 for PlainAttention {
             lk,
             d,
             dv,
-            scale,
-            q: Operand::bhld(cpu_f32(s1, l1, "q")?, h, lq, d),
-            k: Operand::bhld(cpu_f32(s2, l2, "k")?, h, lk, d),
-            v: Operand::bhld(cpu_f32(s3, l3, "v")?, h, lk, dv),
+            scale: self.scale,
+            q: cpu_f32(s1, l1, "q")?,
+            k: cpu_f32(s2, l2, "k")?,
+            v: cpu_f32(s3, l3, "v")?,
         };
         let out = plain_avx512::forward(&pr);
         Ok((CpuStorage::F32(out), Shape::from((b, h, lq, dv))))

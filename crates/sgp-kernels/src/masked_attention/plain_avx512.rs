@@ -33,37 +33,6 @@ const BK: usize = 256;
 /// The micro-kernels, `[mr/16 - 1][nr - 1]` (the `gemm` crate's own dispatch table).
 use gemm_f32::microkernel::avx512f::f32::UKR;
 
-/// One operand of [`forward`]: rows of contiguous f32 values, row `i` of head `hi` in
-/// batch `bi` at `offset + bi·batch + hi·head + i·row` of `data`.
-#[derive(Clone, Copy)]
-pub(crate) struct Operand<'a> {
-    pub data: &'a [f32],
-    pub offset: usize,
-    pub batch: usize,
-    pub head: usize,
-    pub row: usize,
-}
-
-impl<'a> Operand<'a> {
-    /// A contiguous `[B,H,L,width]` tensor.
-    pub(crate) fn bhld(data: &'a [f32], h: usize, l: usize, width: usize) -> Self {
-        Self {
-            data,
-            offset: 0,
-            batch: h * l * width,
-            head: l * width,
-            row: width,
-        }
-    }
-
-    /// `rows` rows of `width` values from row `i0` of head (bi, hi); panics outside `data`.
-    fn rows(&self, bi: usize, hi: usize, i0: usize, rows: usize, width: usize) -> &'a [f32] {
-        let start = self.offset + bi * self.batch + hi * self.head + i0 * self.row;
-        let end = start + (rows.max(1) - 1) * self.row + width;
-        &self.data[start..end]
-    }
-}
-
 /// Sizes and operands of [`forward`].
 pub(crate) struct Plain<'a> {
     pub b: usize,
@@ -73,15 +42,18 @@ pub(crate) struct Plain<'a> {
     pub d: usize,
     pub dv: usize,
     pub scale: f32,
-    pub q: Operand<'a>,
-    pub k: Operand<'a>,
-    pub v: Operand<'a>,
+    /// `[B,H,Lq,D]`, contiguous.
+    pub q: &'a [f32],
+    /// `[B,H,Lk,D]`, contiguous.
+    pub k: &'a [f32],
+    /// `[B,H,Lk,Dv]`, contiguous.
+    pub v: &'a [f32],
 }
 
 /// The attention of every head, `[B,H,Lq,Dv]`.
 ///
 /// # Panics
-/// Without AVX-512F, with `lk == 0`, or with an operand row outside its buffer.
+/// Without AVX-512F, with `lk == 0`, or with operands of other lengths.
 pub(crate) fn forward(pr: &Plain) -> Vec<f32> {
     let (b, h, lq, lk, d, dv) = (pr.b, pr.h, pr.lq, pr.lk, pr.d, pr.dv);
     assert!(lk > 0 && crate::math::has_avx512());
@@ -89,10 +61,9 @@ pub(crate) fn forward(pr: &Plain) -> Vec<f32> {
     if total == 0 {
         return Vec::new();
     }
-    // Every operand row any task reads lies in its buffer.
-    for (op, rows, width) in [(&pr.q, lq, d), (&pr.k, lk, d), (&pr.v, lk, dv)] {
-        let _ = op.rows(b - 1, h - 1, 0, rows, width);
-    }
+    assert_eq!(pr.q.len(), b * h * lq * d);
+    assert_eq!(pr.k.len(), b * h * lk * d);
+    assert_eq!(pr.v.len(), b * h * lk * dv);
     let bq = super::cpu::forward_rows_per_task(b * h, lq, rayon::current_num_threads());
     let q_tiles = lq.div_ceil(bq);
     // Every output row is written by exactly one task.
@@ -102,12 +73,11 @@ pub(crate) fn forward(pr: &Plain) -> Vec<f32> {
         .into_par_iter()
         .for_each_init(Scratch::default, |scratch, task| {
             let (bh, qt) = (task / q_tiles, task % q_tiles);
-            let (bi, hi) = (bh / h, bh % h);
             let q0 = qt * bq;
             let nq = bq.min(lq - q0);
-            // SAFETY: AVX-512F is present (asserted above); the rows q0..q0+nq of head
-            // (bi, hi) are this task's alone and lie inside `out`.
-            unsafe { tile(pr, bi, hi, q0, nq, out_ptr.get().add((bh * lq + q0) * dv), scratch) }
+            // SAFETY: AVX-512F is present (asserted above); the rows q0..q0+nq of head bh
+            // are this task's alone and lie inside `out`.
+            unsafe { tile(pr, bh, q0, nq, out_ptr.get().add((bh * lq + q0) * dv), scratch) }
         });
     // SAFETY: the tasks cover every (batch, head, query) row.
     unsafe { out.assume_init() }
@@ -186,21 +156,19 @@ unsafe fn panel_product(
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile(pr: &Plain, bi: usize, hi: usize, q0: usize, nq: usize, out: *mut f32, scratch: &mut Scratch) {
+unsafe fn tile(pr: &Plain, bh: usize, q0: usize, nq: usize, out: *mut f32, scratch: &mut Scratch) {
     let (lk, d, dv) = (pr.lk, pr.d, pr.dv);
     let panels = nq.div_ceil(MR);
     // Query stride of the score and accumulator tiles (whole panels, so the micro-kernel
     // may read a last panel's unused rows).
     let ld = panels * MR;
-    let q = pr.q.rows(bi, hi, q0, nq, d);
-    let k = pr.k.rows(bi, hi, 0, lk, d);
-    let v = pr.v.rows(bi, hi, 0, lk, dv);
-    let (k_rs, v_rs) = (pr.k.row, pr.v.row);
+    let q = &pr.q[(bh * pr.lq + q0) * d..(bh * pr.lq + q0 + nq) * d];
+    let k = &pr.k[bh * lk * d..(bh + 1) * lk * d];
+    let v = &pr.v[bh * lk * dv..(bh + 1) * lk * dv];
     let Scratch { qp, s, acc, m, l } = scratch;
     // Q as 64-query panels, one column per channel: qp[panel][c][row].
     reset(qp, panels * d * MR, 0.0);
-    for i in 0..nq {
-        let qi = &q[i * pr.q.row..i * pr.q.row + d];
+    for (i, qi) in q.chunks_exact(d).enumerate() {
         let panel = &mut qp[(i / MR) * d * MR..];
         for (c, &x) in qi.iter().enumerate() {
             panel[c * MR + i % MR] = x;
@@ -224,7 +192,7 @@ unsafe fn tile(pr: &Plain, bi: usize, hi: usize, q0: usize, nq: usize, out: *mut
                 ld,
                 false,
                 (qp.as_ptr(), d * MR, MR),
-                (k.as_ptr().add(k0 * k_rs), 1, k_rs),
+                (k.as_ptr().add(k0 * d), 1, d),
                 pr.scale,
             )
         };
@@ -269,7 +237,7 @@ unsafe fn tile(pr: &Plain, bi: usize, hi: usize, q0: usize, nq: usize, out: *mut
                 ld,
                 true,
                 (s.as_ptr(), MR, ld),
-                (v.as_ptr().add(k0 * v_rs), v_rs, 1),
+                (v.as_ptr().add(k0 * dv), dv, 1),
                 1.0,
             )
         };
